@@ -130,8 +130,7 @@ class IdentifierPath:
     def human_readable(self) -> str:
         """The tag form ``{manufacturer}.{category}.C{classId}.{batch}.{instance:05d}``."""
         return (
-            f"{self.manufacturer}.{self.category}.C{self.class_id}."
-            f"{self.batch}.{self.instance:05d}"
+            f"{self.manufacturer}.{self.category}.C{self.class_id}.{self.batch}.{self.instance:05d}"
         )
 
 

@@ -19,7 +19,7 @@ BASE58_ALPHABET = frozenset("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrs
 
 
 def check_seed(seed: bytes | bytearray, field: str = "seed") -> None:
-    """Raise MasterKeyFormatError when ``seed`` is not 16 to 64 bytes; the message has its length only."""
+    """Reject a seed outside 16 to 64 bytes; the message gives its length, never its bytes."""
     if not SEED_MIN_BYTES <= len(seed) <= SEED_MAX_BYTES:
         raise MasterKeyFormatError(
             f"{field} is {len(seed)} bytes; need {SEED_MIN_BYTES} to {SEED_MAX_BYTES}"

@@ -19,7 +19,14 @@ from nacl.bindings import crypto_sign_seed_keypair
 from plings_hsm.core.path import HARDENED_OFFSET, check_index
 from plings_hsm.core.seed import check_seed
 
-__all__ = ["ED25519_SEED_KEY", "ExtendedKey", "derive_child", "derive_indexes", "master_key", "public_key"]
+__all__ = [
+    "ED25519_SEED_KEY",
+    "ExtendedKey",
+    "derive_child",
+    "derive_indexes",
+    "master_key",
+    "public_key",
+]
 
 ED25519_SEED_KEY = b"ed25519 seed"
 """HMAC key of the SLIP-0010 master step for the ed25519 curve."""
