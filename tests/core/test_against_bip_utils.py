@@ -36,15 +36,15 @@ def reference_fingerprint(seed: bytes, wallet: int) -> str:
     return base58.b58encode(digest).decode("ascii")
 
 
-def derive_ours(seed: bytes, levels: list[int]) -> bytes:
-    """Return our public key for the six levels wallet..instance under m/44'/501'."""
+def plings_public_key(seed: bytes, levels: list[int]) -> bytes:
+    """Derive the public key with plings_hsm for the levels wallet to instance under m/44'/501'."""
     wallet, manufacturer, category, class_id, batch, instance = levels
     prefix = BatchPrefix(wallet, manufacturer, category, class_id, batch)
     with open_batch_node(seed, prefix) as node:
         return node.derive(instance).public_key
 
 
-def any_seed() -> st.SearchStrategy[bytes]:
+def seed_strategy() -> st.SearchStrategy[bytes]:
     """Return seeds of 16 to 64 bytes, some of them starting with zero bytes."""
     random_seed = st.binary(min_size=16, max_size=64)
     leading_zeros = st.integers(min_value=1, max_value=16).flatmap(
@@ -63,13 +63,13 @@ class TestPropertyAgainstBipUtils:
     """Our batch derivation equals bip_utils for random seeds and paths."""
 
     @settings(max_examples=200, deadline=None)
-    @given(seed=any_seed(), levels=LEVELS)
+    @given(seed=seed_strategy(), levels=LEVELS)
     def test_public_key_matches(self, seed: bytes, levels: list[int]) -> None:
         expected = reference_public_key(seed, [PURPOSE, COIN_TYPE, *levels])
-        assert derive_ours(seed, levels) == expected
+        assert plings_public_key(seed, levels) == expected
 
     @settings(max_examples=200, deadline=None)
-    @given(seed=any_seed(), levels=st.lists(INDEXES, min_size=8, max_size=8))
+    @given(seed=seed_strategy(), levels=st.lists(INDEXES, min_size=8, max_size=8))
     def test_any_eight_level_path_matches(self, seed: bytes, levels: list[int]) -> None:
         # Purpose and coin type are random here too, so this goes through derive_indexes.
         with derive_indexes(seed, levels) as node:
@@ -77,7 +77,7 @@ class TestPropertyAgainstBipUtils:
         assert ours == reference_public_key(seed, levels)
 
     @settings(max_examples=50, deadline=None)
-    @given(seed=any_seed(), wallet=INDEXES)
+    @given(seed=seed_strategy(), wallet=INDEXES)
     def test_fingerprint_matches(self, seed: bytes, wallet: int) -> None:
         assert derive_wallet_fingerprint(seed, wallet) == reference_fingerprint(seed, wallet)
 
@@ -97,14 +97,14 @@ class TestExplicitCases:
     @pytest.mark.parametrize("seed", list(SEEDS.values()), ids=list(SEEDS))
     def test_seed_length_matches(self, seed: bytes) -> None:
         levels = [1, 1, 1, 1, 99999, 1]
-        assert derive_ours(seed, levels) == reference_public_key(
+        assert plings_public_key(seed, levels) == reference_public_key(
             seed, [PURPOSE, COIN_TYPE, *levels]
         )
 
     @pytest.mark.parametrize("seed", list(SEEDS.values()), ids=list(SEEDS))
     def test_index_max_everywhere_matches(self, seed: bytes) -> None:
         levels = [INDEX_MAX] * 6
-        assert derive_ours(seed, levels) == reference_public_key(
+        assert plings_public_key(seed, levels) == reference_public_key(
             seed, [PURPOSE, COIN_TYPE, *levels]
         )
 
@@ -113,7 +113,7 @@ class TestExplicitCases:
         seed = SEEDS["32 bytes"]
         levels = [3, 7, 2, 5, 11, 13]
         levels[level] = INDEX_MAX
-        assert derive_ours(seed, levels) == reference_public_key(
+        assert plings_public_key(seed, levels) == reference_public_key(
             seed, [PURPOSE, COIN_TYPE, *levels]
         )
 

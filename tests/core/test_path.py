@@ -82,7 +82,7 @@ class TestParsePathUnhardened:
 
 
 class TestParsePathRejects:
-    """parse_path rejects every other deviation from m/44'/501'/six hardened indexes."""
+    """parse_path rejects any other deviation from m/44'/501' followed by six hardened indexes."""
 
     @pytest.mark.parametrize("count", [1, 2, 6, 7, 9, 10])
     def test_rejects_wrong_level_count(self, count: int) -> None:
@@ -156,10 +156,6 @@ class TestParsePathRejects:
             parse_path(text)
         assert "'m/'" in str(caught.value)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="_LEVEL_RE ends in $, which also matches before a trailing newline",
-    )
     def test_rejects_newline_inside_path(self) -> None:
         with pytest.raises(InvalidPathError):
             parse_path("m/44'/501'/1'\n/2'/3'/4'/99999'/5'")
@@ -204,10 +200,6 @@ class TestIdentifierPathText:
         with pytest.raises(InvalidPathError):
             IdentifierPath(1, 1, 1, 1, 1, 2**31)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="IdentifierPath.__post_init__ checks only the instance level",
-    )
     @pytest.mark.parametrize("position", range(5))
     def test_rejects_out_of_range_prefix_level(self, position: int) -> None:
         levels = [1, 1, 1, 1, 1, 1]
@@ -291,3 +283,13 @@ class TestCheckInstanceRange:
     def test_rejects_long_range_crossing_2_pow_31(self) -> None:
         with pytest.raises(InvalidRequestError):
             check_instance_range(INDEX_MAX - 998, 1000, 1000)
+
+
+class TestCheckInstanceRangeStart:
+    """check_instance_range rejects a start outside [0, 2^31)."""
+
+    @pytest.mark.parametrize("start", [-1, 2**31])
+    def test_rejects_start_out_of_range(self, start: int) -> None:
+        with pytest.raises(InvalidRequestError) as caught:
+            check_instance_range(start, 1, 10)
+        assert caught.value.field == "startInstance"

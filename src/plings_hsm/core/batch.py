@@ -54,11 +54,16 @@ class DerivedKey:
 
 
 def check_instance_range(start: int, quantity: int, quantity_max: int) -> None:
-    """Reject a range of instances that is empty, too long or crosses 2^31.
+    """Reject a range of instances that starts outside ``[0, 2^31)``, is empty, too long or crosses 2^31.
 
     Raises:
         InvalidRequestError: naming the field, the value and the limit.
     """
+    if start < 0 or start > INDEX_MAX:
+        raise InvalidRequestError(
+            f"startInstance {start} is out of range; allowed 0 to {INDEX_MAX}",
+            field="startInstance",
+        )
     if quantity < 1 or quantity > quantity_max:
         raise InvalidRequestError(
             f"quantity {quantity} is out of range; allowed 1 to {quantity_max}", field="quantity"

@@ -40,7 +40,7 @@ _LEVEL_NAMES = (
     "batch",
     "instanceNumber",
 )
-_LEVEL_RE = re.compile(r"^(0|[1-9][0-9]*)(['hH]?)$")
+_LEVEL_RE = re.compile(r"(0|[1-9][0-9]*)(['hH]?)")
 
 
 def check_index(field: str, value: object) -> int:
@@ -109,6 +109,11 @@ class IdentifierPath:
     instance: int
 
     def __post_init__(self) -> None:
+        check_index("walletVersion", self.wallet)
+        check_index("manufacturer", self.manufacturer)
+        check_index("category", self.category)
+        check_index("classId", self.class_id)
+        check_index("batch", self.batch)
         check_index("instanceNumber", self.instance)
 
     @property
@@ -157,7 +162,7 @@ def parse_path(text: str) -> IdentifierPath:
     indexes: list[int] = []
     unhardened: list[str] = []
     for name, level in zip(_LEVEL_NAMES, levels, strict=True):
-        match = _LEVEL_RE.match(level)
+        match = _LEVEL_RE.fullmatch(level)
         if match is None:
             raise InvalidPathError(f"path level {name} {level!r} is not a decimal index")
         index = check_index(name, int(match.group(1)))
@@ -167,8 +172,11 @@ def parse_path(text: str) -> IdentifierPath:
 
     hardened_form = "m/" + "/".join(f"{index}'" for index in indexes)
     if unhardened:
+        levels_text = ", ".join(unhardened)
+        verb = "is" if len(unhardened) == 1 else "are"
+        noun = "level" if len(unhardened) == 1 else "levels"
         raise InvalidPathError(
-            f"path level {', '.join(unhardened)} is not hardened; SLIP-0010 ed25519 defines "
+            f"path {noun} {levels_text} {verb} not hardened; SLIP-0010 ed25519 defines "
             f"hardened children only. Hardened form: {hardened_form}"
         )
     if indexes[0] != PURPOSE or indexes[1] != COIN_TYPE:
