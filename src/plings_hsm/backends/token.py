@@ -30,7 +30,7 @@ from plings_hsm.errors import (
 )
 from plings_hsm.secrets import Secret
 
-__all__ = ["TokenSession", "load_module"]
+__all__ = ["TokenSession", "load_module", "read_token_info"]
 
 log = structlog.get_logger(__name__)
 
@@ -248,3 +248,42 @@ def _reinitialize_module(module: Path, sessions: list[TokenSession]) -> None:
     for shared in sessions:
         shared._close_session()
     load_module(module).reinitialize()
+
+
+def read_token_info(module: Path, token_label: str) -> dict[str, Any]:
+    """Return public facts about a token (no login needed), read on the token worker thread.
+
+    Raises:
+        Pkcs11ModuleError: when the module cannot be loaded.
+        TokenNotFoundError: when no token carries the label.
+    """
+
+    def read() -> dict[str, Any]:
+        lib = load_module(module)
+        try:
+            token = lib.get_token(token_label=token_label)
+        except p11.NoSuchToken as exc:
+            raise TokenNotFoundError(
+                f"no token labelled {token_label!r}; run 'plings-hsm token init'"
+            ) from exc
+        flags = pkcs11.TokenFlag(token.flags)
+        return {
+            "label": token.label,
+            "manufacturer": token.manufacturer_id,
+            "model": token.model,
+            "serial": token.serial.decode("ascii", "replace").strip()
+            if isinstance(token.serial, bytes)
+            else str(token.serial).strip(),
+            "slot": token.slot.slot_id,
+            "initialized": bool(flags & pkcs11.TokenFlag.TOKEN_INITIALIZED),
+            "user_pin_initialized": bool(flags & pkcs11.TokenFlag.USER_PIN_INITIALIZED),
+            "login_required": bool(flags & pkcs11.TokenFlag.LOGIN_REQUIRED),
+            "user_pin_locked": bool(flags & pkcs11.TokenFlag.USER_PIN_LOCKED),
+            "library": lib.library_description,
+            "library_version": ".".join(str(part) for part in lib.library_version),
+        }
+
+    with _registry_lock:
+        _reset_after_fork()
+        executor = _worker()
+    return executor.submit(read).result(timeout=CALL_TIMEOUT_S)

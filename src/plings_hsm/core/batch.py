@@ -54,7 +54,7 @@ class DerivedKey:
 
 
 def check_instance_range(start: int, quantity: int, quantity_max: int) -> None:
-    """Reject a range of instances that starts outside ``[0, 2^31)``, is empty, too long or crosses 2^31.
+    """Reject an instance range that starts out of range, is empty, too long or crosses 2^31.
 
     Raises:
         InvalidRequestError: naming the field, the value and the limit.

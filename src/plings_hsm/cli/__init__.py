@@ -1,0 +1,5 @@
+"""The ``plings-hsm`` command line."""
+
+from plings_hsm.cli.main import main
+
+__all__ = ["main"]

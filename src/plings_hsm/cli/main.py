@@ -1,0 +1,46 @@
+"""Entry point of the ``plings-hsm`` command: runs a command, maps errors to exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import structlog
+
+from plings_hsm.cli import derive_cmd, serve_cmd, token_cmds  # noqa: F401 - registers commands
+from plings_hsm.cli.app import app
+from plings_hsm.cli.exit_codes import EXIT_INTERNAL, exit_code_of
+from plings_hsm.errors import PlingsHsmError
+from plings_hsm.logs import configure_logging
+
+__all__ = ["main"]
+
+log = structlog.get_logger(__name__)
+
+
+def main() -> None:
+    """Run the CLI; user errors print one line on stderr and exit non-zero, no traceback.
+
+    Typer handles usage errors itself (exit 2); product errors map through
+    :func:`~plings_hsm.cli.exit_codes.exit_code_of`.
+    """
+    configure_logging(os.environ.get("PLINGS_LOG_LEVEL", "WARNING"))
+    try:
+        app(prog_name="plings-hsm")
+    except PlingsHsmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exit_code_of(exc))
+    except NotImplementedError as exc:
+        print(f"error: not implemented: {exc}", file=sys.stderr)
+        sys.exit(EXIT_INTERNAL)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        log.error("command_failed", error=type(exc).__name__)
+        print(
+            f"error: internal error ({type(exc).__name__}); rerun with PLINGS_LOG_LEVEL=DEBUG",
+            file=sys.stderr,
+        )
+        if os.environ.get("PLINGS_LOG_LEVEL", "").upper() == "DEBUG":
+            raise
+        sys.exit(EXIT_INTERNAL)

@@ -1,0 +1,263 @@
+"""Commands on the token: ``token init|status``, ``keys import|list`` and ``doctor``."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from plings_hsm.backends.pkcs11 import REQUIRED_MECHANISMS, Pkcs11Backend
+from plings_hsm.backends.token import read_token_info
+from plings_hsm.backends.token_init import init_token
+from plings_hsm.cli.app import app, context, keys_app, token_app
+from plings_hsm.cli.exit_codes import EXIT_CHECK_FAILED
+from plings_hsm.core.path import INDEX_MAX
+from plings_hsm.core.seed import decode_master_key
+from plings_hsm.errors import PlingsHsmError
+from plings_hsm.secrets import Secret
+
+__all__ = ["DoctorCheck", "run_doctor"]
+
+_out = Console(highlight=False, soft_wrap=True, markup=False)
+
+WalletOption = Annotated[
+    int, typer.Option("--wallet", min=0, max=INDEX_MAX, help="Wallet version (0 to 2^31 - 1).")
+]
+
+
+@token_app.command("init")
+def token_init(
+    label: Annotated[
+        str | None, typer.Option(help="Token label; default PLINGS_TOKEN_LABEL.")
+    ] = None,
+) -> None:
+    """Initialise the token (SO and user PIN from SOFTHSM_SO_PIN and SOFTHSM_USER_PIN)."""
+    ctx = context()
+    conf = ctx.softhsm_conf()
+    token_label = label or ctx.settings.token_label
+    created = init_token(
+        ctx.settings.module_path(), token_label, ctx.so_pin(), ctx.user_pin(), conf
+    )
+    _out.print(
+        f"token {token_label!r} {'initialised' if created else 'exists already; nothing changed'}"
+    )
+
+
+@token_app.command("status")
+def token_status(
+    label: Annotated[
+        str | None, typer.Option(help="Token label; default PLINGS_TOKEN_LABEL.")
+    ] = None,
+) -> None:
+    """Show the token's public facts: label, serial, flags, library."""
+    ctx = context()
+    ctx.softhsm_conf()
+    info = read_token_info(ctx.settings.module_path(), label or ctx.settings.token_label)
+    table = Table("field", "value")
+    for name, value in info.items():
+        table.add_row(name, str(value))
+    _out.print(table)
+
+
+def _read_master_text() -> Secret:
+    ctx = context()
+    if ctx.settings.master_key is not None:
+        return ctx.settings.master_key
+    if sys.stdin.isatty():
+        return Secret(getpass.getpass("PLINGS_MASTER_KEY (base58, not echoed): "))
+    return Secret(sys.stdin.buffer.read())
+
+
+@keys_app.command("import")
+def keys_import(wallet: WalletOption = 1) -> None:
+    """Import the env master into the token as wallet N.
+
+    Reads PLINGS_MASTER_KEY from the environment, else from standard input.
+    """
+    ctx = context()
+    seed = decode_master_key(_read_master_text().reveal())
+    backend = ctx.pkcs11_backend()
+    try:
+        result = backend.import_master(wallet, seed)
+    finally:
+        seed[:] = bytes(len(seed))
+        backend.close()
+    if result.created:
+        _out.print(f"wallet {wallet} imported as {result.label}; fingerprint {result.fingerprint}")
+    else:
+        _out.print(
+            f"wallet {wallet} already holds this master ({result.label}); nothing changed; "
+            f"fingerprint {result.fingerprint}"
+        )
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List the wallets in the token: version, label, scheme, fingerprint."""
+    backend = context().pkcs11_backend()
+    try:
+        wallets = backend.wallets()
+    finally:
+        backend.close()
+    table = Table("wallet", "label", "scheme", "fingerprint")
+    for info in wallets:
+        table.add_row(str(info.version), info.label, str(info.scheme), info.fingerprint)
+    _out.print(table)
+
+
+@dataclass(frozen=True)
+class DoctorCheck:
+    """One doctor finding: what was checked, whether it passed, and how to fix it."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def _mode_check(name: str, path: Path, allowed_mask: int) -> DoctorCheck:
+    if not path.exists():
+        return DoctorCheck(name, False, f"{path} does not exist", "run 'plings-hsm token init'")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & allowed_mask:
+        return DoctorCheck(
+            name,
+            False,
+            f"{path} has mode {mode:o}",
+            f"chmod {'700' if path.is_dir() else '600'} {path}",
+        )
+    return DoctorCheck(name, True, f"{path} mode {mode:o}")
+
+
+def _token_dir_of(conf: Path) -> Path | None:
+    for line in conf.read_text(encoding="utf-8").splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "directories.tokendir":
+            return Path(value.strip())
+    return None
+
+
+def run_doctor() -> list[DoctorCheck]:
+    """Run every check in order; a failed prerequisite stops the checks that need it."""
+    ctx = context()
+    checks: list[DoctorCheck] = []
+
+    try:
+        module = ctx.settings.module_path()
+        found = module.exists()
+        checks.append(
+            DoctorCheck(
+                "pkcs11 module",
+                found,
+                str(module),
+                "" if found else "apt-get install softhsm2, or set PLINGS_PKCS11_MODULE",
+            )
+        )
+    except PlingsHsmError as exc:
+        checks.append(DoctorCheck("pkcs11 module", False, str(exc), "apt-get install softhsm2"))
+        return checks
+    if not found:
+        return checks
+
+    try:
+        conf = ctx.softhsm_conf()
+    except PlingsHsmError as exc:
+        checks.append(DoctorCheck("softhsm2 config", False, str(exc), "set SOFTHSM2_CONF"))
+        return checks
+    checks.append(DoctorCheck("softhsm2 config", True, str(conf)))
+    token_dir = _token_dir_of(conf)
+    if token_dir is None:
+        checks.append(
+            DoctorCheck("token folder", False, f"{conf} sets no directories.tokendir", "add it")
+        )
+    else:
+        checks.append(_mode_check("token folder mode", token_dir, 0o077))
+
+    label = ctx.settings.token_label
+    try:
+        info = read_token_info(module, label)
+        checks.append(DoctorCheck("token by label", True, f"{label!r} serial {info['serial']}"))
+    except PlingsHsmError as exc:
+        checks.append(DoctorCheck("token by label", False, str(exc), "run 'plings-hsm token init'"))
+        return checks
+
+    backend: Pkcs11Backend | None = None
+    try:
+        backend = ctx.pkcs11_backend()
+        versions = backend.wallet_versions()
+        checks.append(DoctorCheck("login", True, "user PIN accepted"))
+    except PlingsHsmError as exc:
+        checks.append(DoctorCheck("login", False, str(exc), "check SOFTHSM_USER_PIN"))
+        if backend is not None:
+            backend.close()
+        return checks
+
+    try:
+        missing = backend.check_mechanisms()
+        needed = ", ".join(mechanism.name for mechanism in REQUIRED_MECHANISMS)
+        checks.append(
+            DoctorCheck(
+                "mechanisms",
+                not missing,
+                f"missing {', '.join(missing)}" if missing else f"offers {needed}",
+                "use a token that offers AES key generation and AES key wrap with padding"
+                if missing
+                else "",
+            )
+        )
+        if not versions:
+            checks.append(
+                DoctorCheck("wallets", False, "no wallet master", "run 'plings-hsm keys import'")
+            )
+        for version in versions:
+            try:
+                attributes = backend.object_attributes(version)
+                fingerprint = backend.wallet_fingerprint(version)
+            except PlingsHsmError as exc:
+                checks.append(
+                    DoctorCheck(f"wallet {version}", False, str(exc), "keep one object per label")
+                )
+                continue
+            protected = attributes["private"] and attributes["sensitive"]
+            checks.append(
+                DoctorCheck(
+                    f"wallet {version}",
+                    protected and not attributes["modifiable"],
+                    f"one object, fingerprint {fingerprint}, attributes {attributes}",
+                    "" if protected else "re-import the master: the object must be sensitive",
+                )
+            )
+    finally:
+        backend.close()
+
+    if ctx.settings.user_pin is None and (ctx.home.dev_dir / "user.pin").exists():
+        checks.append(
+            DoctorCheck(
+                "user PIN source",
+                True,
+                "development PIN file in use",
+                "production: export SOFTHSM_USER_PIN and delete the dev/ folder",
+            )
+        )
+    return checks
+
+
+@app.command("doctor")
+def doctor() -> None:
+    """Check module, config, token folder modes, token, login, mechanisms and wallets."""
+    checks = run_doctor()
+    table = Table("check", "result", "detail", "fix")
+    for check in checks:
+        table.add_row(check.name, "ok" if check.ok else "FAIL", check.detail, check.fix)
+    _out.print(table)
+    if not all(check.ok for check in checks):
+        raise typer.Exit(EXIT_CHECK_FAILED)
+    _out.print(f"all {len(checks)} checks passed (SOFTHSM2_CONF={os.environ['SOFTHSM2_CONF']})")

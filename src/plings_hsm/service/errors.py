@@ -1,0 +1,147 @@
+"""The one place that maps errors to HTTP statuses and error bodies."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from plings_hsm.errors import (
+    AuthenticationError,
+    ConfigError,
+    InvalidPathError,
+    InvalidRequestError,
+    PlingsHsmError,
+    TokenError,
+    WalletNotFoundError,
+)
+
+__all__ = ["error_response", "install_error_handlers", "status_of"]
+
+log = structlog.get_logger(__name__)
+
+UNAUTHORIZED_MESSAGE = "missing or invalid API key"
+"""The one 401 message: it never says which part of a credential was wrong."""
+
+INTERNAL_MESSAGE = "Internal HSM error"
+"""The one 500 message; the log has the rest under the request id."""
+
+_STATUS_BY_ERROR: tuple[tuple[type[PlingsHsmError], int, str], ...] = (
+    (AuthenticationError, 401, "unauthorized"),
+    (InvalidPathError, 422, "invalid_path"),
+    (InvalidRequestError, 422, "invalid_request"),
+    (WalletNotFoundError, 404, "wallet_not_found"),
+    (TokenError, 503, "token_unavailable"),
+    (ConfigError, 500, "internal_error"),
+)
+
+_CODE_BY_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "token_unavailable",
+}
+
+
+def status_of(exc: PlingsHsmError) -> tuple[int, str]:
+    """Return the HTTP status and error code of a product error."""
+    for error_type, status, code in _STATUS_BY_ERROR:
+        if isinstance(exc, error_type):
+            return status, code
+    return 500, "internal_error"
+
+
+def _request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "unknown"))
+
+
+def error_response(
+    request: Request,
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    field: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """Build the error body ``{success: false, error: {code, message, field?}, requestId}``."""
+    error: dict[str, Any] = {
+        "code": code or _CODE_BY_STATUS.get(status, "error"),
+        "message": message,
+    }
+    if field is not None:
+        error["field"] = field
+    body = {"success": False, "error": error, "requestId": _request_id(request)}
+    return JSONResponse(body, status_code=status, headers=dict(headers) if headers else None)
+
+
+def _field_of(location: tuple[Any, ...]) -> str | None:
+    parts = [str(part) for part in location if part != "body"]
+    return ".".join(parts) or None
+
+
+async def _on_product_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, PlingsHsmError):
+        return await _on_unexpected(request, exc)
+    status, code = status_of(exc)
+    if status == 401:
+        return error_response(
+            request, 401, UNAUTHORIZED_MESSAGE, headers={"WWW-Authenticate": "Bearer"}
+        )
+    if status == 500:
+        return await _on_unexpected(request, exc)
+    if status == 503:
+        log.warning("request_failed", request_id=_request_id(request), error=type(exc).__name__)
+    field = getattr(exc, "field", None)
+    return error_response(request, status, str(exc), code=code, field=field)
+
+
+async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, RequestValidationError):
+        return await _on_unexpected(request, exc)
+    first = exc.errors()[0] if exc.errors() else {}
+    field = _field_of(tuple(first.get("loc", ())))
+    value = first.get("input")
+    reason = first.get("msg", "invalid value")
+    shown = repr(value) if isinstance(value, int | float | bool | None) else type(value).__name__
+    if field is None:
+        message = f"request body is invalid: {reason}"
+    else:
+        message = f"{field} {shown} is invalid: {reason}"
+    return error_response(request, 422, message, code="invalid_request", field=field)
+
+
+async def _on_http(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, StarletteHTTPException):
+        return await _on_unexpected(request, exc)
+    return error_response(request, exc.status_code, str(exc.detail), headers=exc.headers)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error(
+        "request_failed",
+        request_id=_request_id(request),
+        error=type(exc).__name__,
+        path=request.url.path,
+    )
+    return error_response(request, 500, INTERNAL_MESSAGE, code="internal_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that turn every exception into the one error body."""
+    app.add_exception_handler(PlingsHsmError, _on_product_error)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(Exception, _on_unexpected)

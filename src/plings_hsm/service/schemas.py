@@ -1,0 +1,87 @@
+"""Request and response bodies of the HSM service, in the wire names clients use."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from plings_hsm.core.path import INDEX_MAX
+
+__all__ = [
+    "DeriveKeysRequest",
+    "DeriveKeysResponse",
+    "ErrorBody",
+    "ErrorResponse",
+    "HealthResponse",
+    "KeyItem",
+    "WalletItem",
+]
+
+Index = Annotated[StrictInt, Field(ge=0, le=INDEX_MAX)]
+
+
+class DeriveKeysRequest(BaseModel):
+    """A batch to derive: the shared levels, the first instance and how many."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    manufacturer: Index
+    category: Index
+    classId: Index  # noqa: N815 - wire name
+    batch: Index
+    quantity: Annotated[StrictInt, Field(ge=1, le=INDEX_MAX)]
+    walletVersion: Index | None = None  # noqa: N815 - wire name
+    startInstance: Index = 1  # noqa: N815 - wire name
+
+
+class KeyItem(BaseModel):
+    """One derived key in the wire shape."""
+
+    instanceNumber: int  # noqa: N815 - wire name
+    hdPath: str  # noqa: N815 - wire name
+    publicKey: str  # noqa: N815 - wire name
+    humanReadablePath: str  # noqa: N815 - wire name
+
+
+class DeriveKeysResponse(BaseModel):
+    """A derived batch."""
+
+    success: Literal[True] = True
+    count: int
+    keys: list[KeyItem]
+
+
+class WalletItem(BaseModel):
+    """Public facts about one wallet."""
+
+    walletVersion: int  # noqa: N815 - wire name
+    label: str
+    scheme: str
+    fingerprint: str
+
+
+class HealthResponse(BaseModel):
+    """Service health; contains no secret."""
+
+    status: Literal["ok", "unavailable"]
+    backend: str
+    tokenReachable: bool  # noqa: N815 - wire name
+    wallets: list[WalletItem]
+    version: str
+
+
+class ErrorBody(BaseModel):
+    """What failed: a stable code, a sentence, and the field when one is at fault."""
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Body of every error response."""
+
+    success: Literal[False] = False
+    error: ErrorBody
+    requestId: str  # noqa: N815 - wire name
