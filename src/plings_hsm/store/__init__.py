@@ -1,0 +1,5 @@
+"""The state store: SQLAlchemy tables shared by the services and the CLI."""
+
+from plings_hsm.store.db import Base, Store, default_database_url
+
+__all__ = ["Base", "Store", "default_database_url"]
