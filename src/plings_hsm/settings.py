@@ -102,6 +102,7 @@ class Settings:
     tls_ca: Path | None = None
     quantity_max: int = QUANTITY_MAX_DEFAULT
     log_level: str = "INFO"
+    database_url: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -137,7 +138,12 @@ class Settings:
                 env, "PLINGS_QUANTITY_MAX", QUANTITY_MAX_DEFAULT, 1, 10_000_000
             ),
             log_level=env.get("PLINGS_LOG_LEVEL", "").strip() or "INFO",
+            database_url=env.get("PLINGS_DATABASE_URL", "").strip() or None,
         )
+
+    def store_url(self) -> str:
+        """Return PLINGS_DATABASE_URL, or the SQLite file under the home."""
+        return self.database_url or f"sqlite:///{self.home / 'plings-hsm.db'}"
 
     def module_path(self) -> Path:
         """Return the PKCS#11 module to load (see :func:`find_pkcs11_module`)."""
