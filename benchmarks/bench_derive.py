@@ -17,7 +17,6 @@ import hmac
 import os
 import platform
 import struct
-import subprocess
 import sys
 import tempfile
 import time
