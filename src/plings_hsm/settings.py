@@ -31,13 +31,13 @@ DEFAULT_PKCS11_MODULES = (
     Path("/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so"),
     Path("/usr/local/lib/softhsm/libsofthsm2.so"),
 )
-"""Where Debian's and a source build's softhsm2 put the PKCS#11 module."""
+"""Module paths of Debian's softhsm2 package and of a source build, tried in order."""
 
 TOKEN_LABEL_MAX_BYTES = 32
 """A PKCS#11 token label is a 32-byte, space-padded field."""
 
 QUANTITY_MAX_DEFAULT = 10_000
-"""Largest batch one derive request may ask for unless PLINGS_QUANTITY_MAX says otherwise."""
+"""Default maximum quantity of one derive request; PLINGS_QUANTITY_MAX overrides it."""
 
 
 def find_pkcs11_module(configured: str | None) -> Path:

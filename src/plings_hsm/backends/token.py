@@ -115,7 +115,7 @@ class TokenSession:
             return future.result(timeout=CALL_TIMEOUT_S)
         except FutureTimeoutError as exc:
             raise TokenUnavailableError(
-                f"token {self.token_label!r} did not answer within {CALL_TIMEOUT_S:.0f} s"
+                f"token {self.token_label!r} call timed out after {CALL_TIMEOUT_S:.0f} s"
             ) from exc
 
     def _run(self, function: Callable[[Any], T]) -> T:

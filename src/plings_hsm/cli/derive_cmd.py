@@ -29,14 +29,14 @@ CLI_QUANTITY_MAX = INDEX_MAX
 
 
 class BackendChoice(enum.StrEnum):
-    """Where the master comes from."""
+    """Source of the master: the environment or the token."""
 
     ENV = "env"
     PKCS11 = "pkcs11"
 
 
 class OutputFormat(enum.StrEnum):
-    """How keys are printed."""
+    """Output format of derived keys."""
 
     TABLE = "table"
     JSON = "json"

@@ -25,7 +25,7 @@ __all__ = [
 
 
 class WalletScheme(enum.StrEnum):
-    """How a wallet turns its master into keys; a wallet's scheme never changes."""
+    """Derivation scheme of a wallet, fixed when the wallet is created."""
 
     SLIP10_ED25519 = "slip10-ed25519"
     HSM_HMAC_SHA512 = "hsm-hmac-sha512"
