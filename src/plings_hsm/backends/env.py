@@ -9,7 +9,7 @@ import structlog
 from plings_hsm.backends.base import BackendHealth, SeedBackend, WalletInfo
 from plings_hsm.core.batch import WalletScheme
 from plings_hsm.core.seed import decode_master_key
-from plings_hsm.errors import PlingsHsmError, WalletNotFoundError
+from plings_hsm.errors import DerivationError, PlingsHsmError, WalletNotFoundError
 from plings_hsm.secrets import Secret
 
 __all__ = ["EnvBackend"]
@@ -34,11 +34,15 @@ class EnvBackend(SeedBackend):
         self._seed = decode_master_key(master_key.reveal())
         self._wallets = tuple(sorted(set(wallets)))
         self._fingerprints: dict[int, str] = {}
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"EnvBackend(wallets={self._wallets})"
 
     def _load_seed(self, wallet: int) -> bytearray:
+        if self._closed:
+            # The seed buffer is zeroed by close(); deriving from it would give wrong keys.
+            raise DerivationError("the env backend is closed; open a new one to derive")
         if wallet not in self._wallets:
             raise WalletNotFoundError(
                 f"walletVersion {wallet} not found; the env master serves {list(self._wallets)}"
@@ -69,4 +73,5 @@ class EnvBackend(SeedBackend):
         return BackendHealth(self.name, True, "env master loaded", wallets)
 
     def close(self) -> None:
+        self._closed = True
         self._seed[:] = bytes(len(self._seed))
