@@ -7,9 +7,11 @@ Every error the product raises on purpose derives from :class:`PlingsHsmError`::
     │   └── MasterKeyFormatError  PLINGS_MASTER_KEY is not base58 of 16 to 64 bytes
     ├── InvalidPathError          a derivation path or index breaks a rule
     ├── InvalidRequestError       a request field is out of its range
+    │   └── PayloadTooLargeError  a request body is larger than the service accepts
     ├── WalletNotFoundError       no master for the requested wallet version
     ├── DerivationError           derivation failed for a reason other than input
     ├── AuthenticationError       a credential is missing or wrong
+    ├── RateLimitedError          a client is over its request or key budget
     ├── TokenError                the PKCS#11 token could not do what was asked
     │   ├── Pkcs11ModuleError     the PKCS#11 module is missing or failed to load
     │   ├── TokenNotFoundError    no token carries the configured label
@@ -18,7 +20,9 @@ Every error the product raises on purpose derives from :class:`PlingsHsmError`::
     │   ├── MasterObjectNotFoundError  no master object for a wallet label
     │   ├── DuplicateObjectError  two objects carry one wallet label
     │   └── MasterMismatchError   the token holds a different master under that label
-    └── StoreError                the state store failed
+    ├── StoreError                the state store failed
+    ├── HsmServiceError           the HSM service failed, timed out or could not be reached
+    └── MigrationStateError       a migration command is not allowed in the current state
 
 Messages name the field, the value and the limit. They never contain a seed, a PIN, a
 key or an API key: for a secret they give the field name and at most its length.
@@ -31,14 +35,18 @@ __all__ = [
     "ConfigError",
     "DerivationError",
     "DuplicateObjectError",
+    "HsmServiceError",
     "InvalidPathError",
     "InvalidRequestError",
     "MasterKeyFormatError",
     "MasterMismatchError",
     "MasterObjectNotFoundError",
+    "MigrationStateError",
+    "PayloadTooLargeError",
     "PinIncorrectError",
     "Pkcs11ModuleError",
     "PlingsHsmError",
+    "RateLimitedError",
     "StoreError",
     "TokenError",
     "TokenNotFoundError",
@@ -76,6 +84,10 @@ class InvalidRequestError(PlingsHsmError):
         self.field = field
 
 
+class PayloadTooLargeError(InvalidRequestError):
+    """A request body is larger than the service accepts."""
+
+
 class WalletNotFoundError(PlingsHsmError):
     """No master secret is available for the requested wallet version."""
 
@@ -86,6 +98,19 @@ class DerivationError(PlingsHsmError):
 
 class AuthenticationError(PlingsHsmError):
     """A credential is missing or wrong; the message never says which."""
+
+
+class RateLimitedError(PlingsHsmError):
+    """A client is over its request or key budget.
+
+    Args:
+        message: the sentence shown to the caller, naming the budget and its limit.
+        retry_after_s: whole seconds after which the same request fits the budget again.
+    """
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class TokenError(PlingsHsmError):
@@ -122,3 +147,11 @@ class MasterMismatchError(TokenError):
 
 class StoreError(PlingsHsmError):
     """The state store failed."""
+
+
+class HsmServiceError(PlingsHsmError):
+    """The HSM service failed, timed out or could not be reached."""
+
+
+class MigrationStateError(PlingsHsmError):
+    """A migration command is not allowed in the current migration state."""

@@ -6,11 +6,13 @@ from plings_hsm.errors import (
     AuthenticationError,
     ConfigError,
     DuplicateObjectError,
+    HsmServiceError,
     InvalidPathError,
     InvalidRequestError,
     MasterKeyFormatError,
     MasterMismatchError,
     MasterObjectNotFoundError,
+    MigrationStateError,
     PinIncorrectError,
     Pkcs11ModuleError,
     PlingsHsmError,
@@ -43,6 +45,8 @@ EXIT_CODES: tuple[tuple[type[PlingsHsmError], int], ...] = (
     (MasterMismatchError, 16),
     (TokenError, 10),
     (StoreError, 20),
+    (HsmServiceError, 21),
+    (MigrationStateError, 22),
 )
 """Exit code of each error class; the first matching entry wins, so subclasses come first."""
 

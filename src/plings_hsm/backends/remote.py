@@ -1,0 +1,305 @@
+"""The remote backend: an HTTPS client of the HSM service with retries for derive calls."""
+
+from __future__ import annotations
+
+import base64
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import base58
+import httpx
+import structlog
+
+from plings_hsm.backends.base import BackendHealth, KeyBackend, Signature, WalletInfo
+from plings_hsm.core.batch import DerivedKey, WalletScheme
+from plings_hsm.core.path import BatchPrefix, IdentifierPath
+from plings_hsm.errors import (
+    AuthenticationError,
+    ConfigError,
+    HsmServiceError,
+    InvalidRequestError,
+    WalletNotFoundError,
+)
+from plings_hsm.secrets import Secret
+
+__all__ = [
+    "BACKOFF_DEFAULT_S",
+    "RETRIES_DEFAULT",
+    "TIMEOUT_DEFAULT_S",
+    "RemoteBackend",
+]
+
+log = structlog.get_logger(__name__)
+
+TIMEOUT_DEFAULT_S = 5.0
+"""Connect, read and write timeout of one HTTPS call."""
+
+RETRIES_DEFAULT = 2
+"""Extra attempts of a derive call after a connection error or a 5xx response."""
+
+BACKOFF_DEFAULT_S = 0.1
+"""Wait before the first retry; it doubles for each further retry."""
+
+MAX_CONNECTIONS_DEFAULT = 20
+"""Connections kept open to the HSM service and reused across requests."""
+
+PUBLIC_KEY_BYTES = 32
+"""Length of an ed25519 public key."""
+
+
+class _RetryableError(Exception):
+    """A derive attempt failed in a way a retry may fix: connection error, timeout or 5xx."""
+
+
+def _decode_public_key(text: object, hd_path: str) -> bytes:
+    if not isinstance(text, str):
+        raise HsmServiceError(f"HSM service returned no publicKey text for {hd_path}")
+    try:
+        raw = bytes(base58.b58decode(text))
+    except ValueError as exc:
+        raise HsmServiceError(
+            f"HSM service returned a publicKey for {hd_path} that is not base58"
+        ) from exc
+    if len(raw) != PUBLIC_KEY_BYTES:
+        raise HsmServiceError(
+            f"HSM service returned a {len(raw)}-byte publicKey for {hd_path}; "
+            f"need {PUBLIC_KEY_BYTES}"
+        )
+    return raw
+
+
+def _error_of(response: httpx.Response) -> tuple[str, str | None]:
+    try:
+        body = response.json()
+        error = body.get("error", {})
+        return str(error.get("message", response.reason_phrase)), error.get("field")
+    except (ValueError, AttributeError):
+        return response.reason_phrase, None
+
+
+def _wallets_of(body: dict[str, Any]) -> list[WalletInfo]:
+    return [
+        WalletInfo(
+            int(item["walletVersion"]),
+            str(item["label"]),
+            WalletScheme(item["scheme"]),
+            str(item["fingerprint"]),
+        )
+        for item in body.get("wallets", [])
+    ]
+
+
+class RemoteBackend(KeyBackend):
+    """Derives keys by calling the HSM service over HTTPS.
+
+    Derive calls are idempotent, so connection errors, timeouts and 5xx responses are
+    retried with exponential backoff; 4xx responses are not retried. The TLS certificate is
+    verified against ``ca_file`` (or the system store when it is None).
+
+    Args:
+        endpoint: base URL of the HSM service, ``https://host:port``.
+        api_key: the bearer key the service accepts (HSM_API_KEY).
+        ca_file: CA certificate that signed the service certificate.
+        timeout_s: timeout of each call.
+        retries: extra attempts of a derive call.
+        backoff_s: wait before the first retry, doubled for each further one.
+
+    Raises:
+        ConfigError: when the endpoint is not an https URL.
+    """
+
+    name = "remote"
+
+    def __init__(
+        self,
+        endpoint: str,
+        api_key: Secret,
+        ca_file: Path | None,
+        *,
+        timeout_s: float = TIMEOUT_DEFAULT_S,
+        retries: int = RETRIES_DEFAULT,
+        backoff_s: float = BACKOFF_DEFAULT_S,
+        max_connections: int = MAX_CONNECTIONS_DEFAULT,
+    ) -> None:
+        url = httpx.URL(endpoint)
+        if url.scheme != "https" or not url.host:
+            raise ConfigError(f"HSM_ENDPOINT {endpoint!r} is not an https URL; TLS is required")
+        if ca_file is not None and not ca_file.is_file():
+            raise ConfigError(f"HSM CA file {ca_file} does not exist")
+        self.endpoint = str(url).rstrip("/")
+        self._api_key = api_key
+        self._retries = retries
+        self._backoff_s = backoff_s
+        verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        self._client = httpx.Client(
+            base_url=self.endpoint,
+            verify=verify,
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
+
+    def __repr__(self) -> str:
+        return f"RemoteBackend(endpoint={self.endpoint!r})"
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key.reveal_text()}"}
+
+    def _raise_for_client_error(self, response: httpx.Response) -> None:
+        message, field = _error_of(response)
+        status = response.status_code
+        if status == 401:
+            raise AuthenticationError(f"HSM service {self.endpoint} rejected HSM_API_KEY")
+        if status == 404:
+            raise WalletNotFoundError(message)
+        if status == 422:
+            raise InvalidRequestError(message, field=field)
+        raise HsmServiceError(f"HSM service {self.endpoint} returned {status}: {message}")
+
+    def _post_once(self, route: str, body: dict[str, Any]) -> Any:
+        try:
+            response = self._client.post(route, json=body, headers=self._headers())
+        except httpx.TransportError as exc:
+            raise _RetryableError(type(exc).__name__) from exc
+        if response.status_code >= 500:
+            raise _RetryableError(f"status {response.status_code}")
+        if response.status_code >= 400:
+            self._raise_for_client_error(response)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise HsmServiceError(
+                f"HSM service {self.endpoint} returned a body that is not JSON"
+            ) from exc
+
+    def _post(self, route: str, body: dict[str, Any], *, retry: bool) -> Any:
+        attempts = 1 + (self._retries if retry else 0)
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._post_once(route, body)
+            except _RetryableError as exc:
+                if attempt == attempts:
+                    log.warning(
+                        "remote_call_failed",
+                        endpoint=self.endpoint,
+                        route=route,
+                        attempts=attempt,
+                        error=str(exc),
+                    )
+                    raise HsmServiceError(
+                        f"HSM service {self.endpoint}{route} failed after {attempt} "
+                        f"attempt(s): {exc}"
+                    ) from exc
+                delay_s = self._backoff_s * 2 ** (attempt - 1)
+                log.info(
+                    "remote_call_retried",
+                    endpoint=self.endpoint,
+                    route=route,
+                    attempt=attempt,
+                    error=str(exc),
+                    delay_s=delay_s,
+                )
+                time.sleep(delay_s)
+        raise HsmServiceError(f"HSM service {self.endpoint}{route} was not called")
+
+    def derive_keys(self, prefix: BatchPrefix, start: int, quantity: int) -> list[DerivedKey]:
+        """Derive a batch through ``POST /api/derive-keys`` and check each returned path.
+
+        Raises:
+            HsmServiceError: when the service cannot be reached after the retries, fails
+                with 5xx, or returns keys for other paths than requested.
+            AuthenticationError, WalletNotFoundError, InvalidRequestError: on 401, 404, 422.
+        """
+        body = {
+            "manufacturer": prefix.manufacturer,
+            "category": prefix.category,
+            "classId": prefix.class_id,
+            "batch": prefix.batch,
+            "quantity": quantity,
+            "walletVersion": prefix.wallet,
+            "startInstance": start,
+        }
+        payload = self._post("/api/derive-keys", body, retry=True)
+        items = payload.get("keys") if isinstance(payload, dict) else None
+        if not isinstance(items, list) or len(items) != quantity:
+            count = len(items) if isinstance(items, list) else 0
+            raise HsmServiceError(f"HSM service returned {count} keys; requested {quantity}")
+
+        keys = []
+        for offset, item in enumerate(items):
+            path = prefix.instance(start + offset)
+            if not isinstance(item, dict) or item.get("hdPath") != path.hd_path:
+                raise HsmServiceError(
+                    f"HSM service returned key {offset} for another path than {path.hd_path}"
+                )
+            keys.append(DerivedKey(path, _decode_public_key(item.get("publicKey"), path.hd_path)))
+        return keys
+
+    def iter_keys(self, prefix: BatchPrefix, start: int, quantity: int) -> Iterator[DerivedKey]:
+        yield from self.derive_keys(prefix, start, quantity)
+
+    def sign(self, path: IdentifierPath, message: bytes) -> Signature:
+        """Sign ``message`` through ``POST /api/sign``; signing is not retried.
+
+        NOTE: the body ``{hdPath, message}`` with base64 message and the response
+        ``{publicKey (base58), signature (base64)}`` follow the HSM service's sign route
+        as planned; check them against /openapi.json of the service you call.
+        """
+        body = {"hdPath": path.hd_path, "message": base64.b64encode(message).decode("ascii")}
+        payload = self._post("/api/sign", body, retry=False)
+        try:
+            signature = base64.b64decode(payload["signature"], validate=True)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HsmServiceError("HSM service returned no valid base64 signature") from exc
+        return Signature(_decode_public_key(payload.get("publicKey"), path.hd_path), signature)
+
+    def _health_body(self) -> tuple[int, dict[str, Any]]:
+        response = self._client.get("/health")
+        body = response.json()
+        if not isinstance(body, dict):
+            raise ValueError("health body is not an object")
+        return response.status_code, body
+
+    def wallets(self) -> list[WalletInfo]:
+        """List the wallets the HSM service reports on ``/health``.
+
+        Raises:
+            HsmServiceError: when the service cannot be reached or reports no wallets.
+        """
+        try:
+            _status, body = self._health_body()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise HsmServiceError(
+                f"HSM service {self.endpoint}/health failed: {type(exc).__name__}"
+            ) from exc
+        try:
+            return _wallets_of(body)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HsmServiceError(
+                f"HSM service {self.endpoint}/health returned a malformed wallet list"
+            ) from exc
+
+    def health(self) -> BackendHealth:
+        try:
+            status, body = self._health_body()
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("backend_health_failed", backend=self.name, error=type(exc).__name__)
+            return BackendHealth(
+                self.name, False, f"{self.endpoint} unreachable: {type(exc).__name__}"
+            )
+        ok = status == 200 and bool(body.get("tokenReachable"))
+        try:
+            wallets = _wallets_of(body)
+        except (KeyError, TypeError, ValueError):
+            return BackendHealth(
+                self.name, False, f"{self.endpoint} returned a malformed health body"
+            )
+        detail = f"{self.endpoint} status {status}, token {'reachable' if ok else 'unavailable'}"
+        return BackendHealth(self.name, ok, detail, wallets)
+
+    def close(self) -> None:
+        self._client.close()
