@@ -9,6 +9,7 @@ appear in any process's arguments, and writes one JSON result to standard output
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -51,7 +52,12 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     request = json.loads(sys.stdin.read())
-    json.dump(_run(request), sys.stdout)
+    # PyKCS11's C code prints load failures with printf on file descriptor 1. Keep the
+    # original standard output for the JSON result and send everything else to stderr.
+    result_fd = os.dup(1)
+    os.dup2(2, 1)
+    with os.fdopen(result_fd, "w", encoding="utf-8") as result_out:
+        json.dump(_run(request), result_out)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,12 @@ def init_token(
             f"token initialisation process exited with {completed.returncode}; "
             "run 'plings-hsm doctor' for details"
         )
-    result = json.loads(completed.stdout)
+    try:
+        result = json.loads(completed.stdout)
+    except json.JSONDecodeError as exc:
+        raise TokenError(
+            "token initialisation process returned no result; run 'plings-hsm doctor' for details"
+        ) from exc
 
     if result["kind"] == "exists":
         log.info("token_init_skipped", token_label=label, reason="exists")
