@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import base58
 import pytest
@@ -29,6 +30,8 @@ from plings_hsm.service.app import ServiceConfig, create_app
 from plings_hsm.service.server import ServiceServer, tls_config
 from plings_hsm.service.tls import TlsFiles, ensure_local_tls
 from plings_hsm.settings import DEFAULT_PKCS11_MODULES
+
+T = TypeVar("T")
 
 MIG_TOKEN_LABEL = "mig-test"
 MIG_USER_PIN = Secret("mig-user-pin-2468")
@@ -67,6 +70,27 @@ def hsm_service_config(api_key: Secret) -> ServiceConfig:
     return ServiceConfig(api_keys=(api_key,), **extra)  # type: ignore[arg-type]
 
 
+_TRACKED: list[Closable] = []
+
+
+class Closable(Protocol):
+    """Anything with a close method: key managers, backends, clients."""
+
+    def close(self) -> None: ...
+
+
+def track(item: T) -> T:
+    """Remember ``item`` so :func:`close_tracked` closes it before a server stops."""
+    _TRACKED.append(item)  # type: ignore[arg-type]
+    return item
+
+
+def close_tracked() -> None:
+    """Close every tracked client, newest first."""
+    while _TRACKED:
+        _TRACKED.pop().close()
+
+
 @dataclass
 class RunningService:
     """A service on 127.0.0.1 over TLS, and what a client needs to reach it."""
@@ -77,7 +101,8 @@ class RunningService:
     port: int
 
     def stop(self) -> None:
-        """Stop the server and wait for it."""
+        """Close the tracked clients, then stop the server and wait for it."""
+        close_tracked()
         self.server.stop()
 
 
@@ -87,6 +112,8 @@ def serve(
     """Start ``app`` over TLS on 127.0.0.1 in a background thread."""
     chosen = port or pick_port()
     config = tls_config(app, "127.0.0.1", chosen, tls.server_cert, tls.server_key)
+    # Tests stop servers with idle kept-alive clients; do not wait 10 s for them.
+    config.timeout_graceful_shutdown = 1
     server = ServiceServer(config, name=name)
     server.start()
     return RunningService(server, server.url, tls.ca_cert, chosen)

@@ -22,6 +22,7 @@ Every error the product raises on purpose derives from :class:`PlingsHsmError`::
     │   └── MasterMismatchError   the token holds a different master under that label
     ├── StoreError                the state store failed
     ├── HsmServiceError           the HSM service failed, timed out or could not be reached
+    ├── KeySourceUnavailableError no configured key source may serve in the current mode
     └── MigrationStateError       a migration command is not allowed in the current state
 
 Messages name the field, the value and the limit. They never contain a seed, a PIN, a
@@ -38,6 +39,7 @@ __all__ = [
     "HsmServiceError",
     "InvalidPathError",
     "InvalidRequestError",
+    "KeySourceUnavailableError",
     "MasterKeyFormatError",
     "MasterMismatchError",
     "MasterObjectNotFoundError",
@@ -155,3 +157,7 @@ class HsmServiceError(PlingsHsmError):
 
 class MigrationStateError(PlingsHsmError):
     """A migration command is not allowed in the current migration state."""
+
+
+class KeySourceUnavailableError(PlingsHsmError):
+    """No configured key source may serve a request in the current mode."""

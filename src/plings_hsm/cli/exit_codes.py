@@ -9,6 +9,7 @@ from plings_hsm.errors import (
     HsmServiceError,
     InvalidPathError,
     InvalidRequestError,
+    KeySourceUnavailableError,
     MasterKeyFormatError,
     MasterMismatchError,
     MasterObjectNotFoundError,
@@ -47,6 +48,7 @@ EXIT_CODES: tuple[tuple[type[PlingsHsmError], int], ...] = (
     (StoreError, 20),
     (HsmServiceError, 21),
     (MigrationStateError, 22),
+    (KeySourceUnavailableError, 23),
 )
 """Exit code of each error class; the first matching entry wins, so subclasses come first."""
 

@@ -1,0 +1,476 @@
+"""The key manager: serves derive requests from env, HSM or both, following the stored state."""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import base58
+import structlog
+
+from plings_hsm.backends.base import KeyBackend
+from plings_hsm.core.batch import DerivedKey
+from plings_hsm.core.path import BatchPrefix
+from plings_hsm.errors import (
+    ConfigError,
+    HsmServiceError,
+    InvalidPathError,
+    InvalidRequestError,
+    KeySourceUnavailableError,
+    PlingsHsmError,
+    StoreError,
+    WalletNotFoundError,
+)
+from plings_hsm.manager.config import KeyManagementMode, parse_mode
+from plings_hsm.manager.metrics import ManagerMetrics
+from plings_hsm.manager.migration import roll_back
+from plings_hsm.manager.notify import Notifier
+from plings_hsm.manager.rollout import Rollout
+from plings_hsm.store.audit import append_audit
+from plings_hsm.store.db import Store
+from plings_hsm.store.migration import (
+    MigrationState,
+    MismatchRecord,
+    RequestOutcome,
+    RequestRecord,
+    load_state,
+    load_state_version,
+    record_mismatch,
+    record_requests,
+)
+
+__all__ = ["KeyManager", "ServedKeys"]
+
+log = structlog.get_logger(__name__)
+
+RECORD_BUFFER_MAX = 50_000
+"""Request records kept while the store cannot be written; older ones are dropped."""
+
+MISMATCH_ROWS_MAX = 20
+"""Mismatching keys of one request written to the store; the count covers the rest."""
+
+_CLIENT_ERRORS = (InvalidRequestError, InvalidPathError, WalletNotFoundError)
+
+
+@dataclass(frozen=True, slots=True)
+class ServedKeys:
+    """The keys returned to a client and the source that served them (``env`` or ``hsm``)."""
+
+    keys: list[DerivedKey]
+    source: str
+
+
+def _b58(raw: bytes) -> str:
+    return str(base58.b58encode(raw).decode("ascii"))
+
+
+def _mismatches(
+    env_keys: list[DerivedKey], hsm_keys: list[DerivedKey]
+) -> list[tuple[str, str, str]]:
+    """Return (path, env key, HSM key) for every key that differs, in constant time per key."""
+    found = []
+    for index in range(max(len(env_keys), len(hsm_keys))):
+        env_key = env_keys[index] if index < len(env_keys) else None
+        hsm_key = hsm_keys[index] if index < len(hsm_keys) else None
+        same_path = env_key is not None and hsm_key is not None and env_key.path == hsm_key.path
+        if same_path and hmac.compare_digest(env_key.public_key, hsm_key.public_key):  # type: ignore[union-attr]
+            continue
+        path = (env_key or hsm_key).path.hd_path  # type: ignore[union-attr]
+        found.append(
+            (
+                path,
+                _b58(env_key.public_key) if env_key else "",
+                _b58(hsm_key.public_key) if hsm_key else "",
+            )
+        )
+    return found
+
+
+class KeyManager:
+    """Serves derive requests in the mode the state store sets, seen within one poll interval.
+
+    Both backends are built at start whatever the starting mode, because the mode changes
+    while the service runs: ``env`` needs the env master, ``hsm`` the HSM, ``dual`` both.
+
+    Args:
+        store: the state store; its state row decides mode, rollout and fallback.
+        env_backend: the env master's backend, or None when PLINGS_MASTER_KEY is unset.
+        hsm_backend: the HSM's backend (usually remote), or None when HSM_ENDPOINT is unset.
+        poll_s: interval of state reads and record flushes.
+        fallback_enabled: HSM_FALLBACK_ENABLED; the stored state may turn fallback off too.
+        metrics: where to count requests; None counts nothing.
+        notifier: receivers of automatic rollback notices.
+        instance: name of this service instance in audit rows.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        env_backend: KeyBackend | None,
+        hsm_backend: KeyBackend | None,
+        poll_s: float = 2.0,
+        fallback_enabled: bool = True,
+        metrics: ManagerMetrics | None = None,
+        notifier: Notifier | None = None,
+        instance: str = "identifier",
+    ) -> None:
+        if env_backend is None and hsm_backend is None:
+            raise ConfigError("the key manager needs PLINGS_MASTER_KEY, HSM_ENDPOINT or both")
+        self.store = store
+        self._env = env_backend
+        self._hsm = hsm_backend
+        self._poll_s = poll_s
+        self._fallback_enabled = fallback_enabled
+        self._metrics = metrics
+        self._notifier = notifier
+        self.instance = instance
+        self._lock = threading.Lock()
+        self._records: list[RequestRecord] = []
+        self._dropped_records = 0
+        self._fallback_episode = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+        state = load_state(store)
+        if state is None:
+            raise ConfigError("the state store has no migration state; open it with open_state")
+        self._state = state
+        self._apply(state)
+
+    # State -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> MigrationState:
+        """The migration state in force in this process."""
+        return self._state
+
+    @property
+    def env_available(self) -> bool:
+        """Whether this process has the env master loaded."""
+        return self._env is not None
+
+    @property
+    def hsm_backend(self) -> KeyBackend | None:
+        """The HSM backend, for health checks."""
+        return self._hsm
+
+    def _mode(self, state: MigrationState) -> KeyManagementMode:
+        try:
+            return parse_mode(state.mode, "stored mode")
+        except ConfigError:
+            log.error("migration_mode_invalid", mode=state.mode, served_as="env")
+            return KeyManagementMode.ENV
+
+    def _apply(self, state: MigrationState) -> None:
+        if state.env_master_removed and self._env is not None:
+            self._env.close()
+            self._env = None
+            log.warning("env_master_dropped", instance=self.instance, state_version=state.version)
+        if self._metrics is not None:
+            self._metrics.show_state(state.mode, state.percentage, state.version)
+
+    def refresh(self) -> bool:
+        """Read the state if its version changed; return whether it did."""
+        version = load_state_version(self.store)
+        if version is None or version == self._state.version:
+            return False
+        fresh = load_state(self.store)
+        if fresh is None:
+            return False
+        previous = self._state
+        self._state = fresh
+        self._apply(fresh)
+        log.info(
+            "migration_state_followed",
+            instance=self.instance,
+            from_step=previous.step,
+            to_step=fresh.step,
+            state_version=fresh.version,
+        )
+        return True
+
+    def start(self) -> None:
+        """Follow the state and flush request records every poll interval, in a daemon thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._follow, name="key-manager", daemon=True)
+        self._thread.start()
+        log.info("key_manager_started", instance=self.instance, mode=self._state.mode)
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self._poll_s):
+            try:
+                self.refresh()
+            except StoreError as exc:
+                log.warning("state_refresh_failed", instance=self.instance, error=str(exc))
+            self.flush()
+
+    def stop(self) -> None:
+        """Stop following, flush the records and release the backends."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._poll_s + 10)
+            self._thread = None
+        self.flush()
+        log.info("key_manager_stopped", instance=self.instance)
+
+    def close(self) -> None:
+        """Stop, then close both backends."""
+        self.stop()
+        for backend in (self._env, self._hsm):
+            if backend is not None:
+                backend.close()
+
+    # Records ---------------------------------------------------------------------------
+
+    def _record(
+        self, outcome: str, keys: int, latency_ms: float | None, error: str, request_id: str
+    ) -> None:
+        state = self._state
+        record = RequestRecord(
+            at=time.time(),
+            step_number=state.step_number,
+            step=state.step,
+            outcome=outcome,
+            keys=keys,
+            hsm_latency_ms=latency_ms,
+            error=error,
+            request_id=request_id,
+        )
+        with self._lock:
+            self._records.append(record)
+            if len(self._records) > RECORD_BUFFER_MAX:
+                del self._records[0]
+                self._dropped_records += 1
+
+    def flush(self) -> int:
+        """Write buffered request records to the store; on failure keep them for the next try."""
+        with self._lock:
+            batch, self._records = self._records, []
+        if not batch:
+            return 0
+        try:
+            return record_requests(self.store, batch)
+        except StoreError as exc:
+            log.warning(
+                "records_flush_failed", instance=self.instance, records=len(batch), error=str(exc)
+            )
+            with self._lock:
+                self._records = (batch + self._records)[-RECORD_BUFFER_MAX:]
+            return 0
+
+    # Serving ---------------------------------------------------------------------------
+
+    def derive(
+        self,
+        prefix: BatchPrefix,
+        start: int,
+        quantity: int,
+        *,
+        user_id: str | None = None,
+        request_id: str = "",
+    ) -> ServedKeys:
+        """Derive a batch from the source the current mode and rollout pick.
+
+        Raises:
+            KeySourceUnavailableError: when the mode's source is not configured here.
+            HsmServiceError: in ``hsm`` mode when the HSM fails and no fallback is allowed.
+            InvalidRequestError, InvalidPathError, WalletNotFoundError: for the request itself.
+        """
+        state = self._state
+        mode = self._mode(state)
+        if mode is KeyManagementMode.ENV:
+            served = ServedKeys(self._env_keys(prefix, start, quantity, mode), "env")
+            self._record(RequestOutcome.ENV, quantity, None, "", request_id)
+        elif mode is KeyManagementMode.DUAL:
+            served = self._dual(state, prefix, start, quantity, user_id, request_id)
+        else:
+            served = self._hsm_only(state, prefix, start, quantity, request_id)
+        if self._metrics is not None:
+            self._metrics.served.labels(source=served.source).inc()
+        return served
+
+    def _env_keys(
+        self, prefix: BatchPrefix, start: int, quantity: int, mode: KeyManagementMode
+    ) -> list[DerivedKey]:
+        env = self._env
+        if env is None:
+            raise KeySourceUnavailableError(
+                f"mode {mode} needs the env master, which this service does not hold; "
+                "restart it with PLINGS_MASTER_KEY"
+            )
+        return env.derive_keys(prefix, start, quantity)
+
+    def _timed_hsm(
+        self, prefix: BatchPrefix, start: int, quantity: int
+    ) -> tuple[list[DerivedKey], float]:
+        hsm = self._hsm
+        if hsm is None:
+            raise HsmServiceError("HSM_ENDPOINT is not configured in this service")
+        started = time.perf_counter()
+        try:
+            return hsm.derive_keys(prefix, start, quantity), (time.perf_counter() - started) * 1000
+        finally:
+            if self._metrics is not None:
+                self._metrics.hsm_latency.observe(time.perf_counter() - started)
+
+    def _dual(
+        self,
+        state: MigrationState,
+        prefix: BatchPrefix,
+        start: int,
+        quantity: int,
+        user_id: str | None,
+        request_id: str,
+    ) -> ServedKeys:
+        env_keys = self._env_keys(prefix, start, quantity, KeyManagementMode.DUAL)
+        if not Rollout.of(state.percentage, state.whitelist).includes(user_id):
+            self._record(RequestOutcome.ENV, quantity, None, "", request_id)
+            return ServedKeys(env_keys, "env")
+
+        started = time.perf_counter()
+        try:
+            hsm_keys, latency_ms = self._timed_hsm(prefix, start, quantity)
+        except Exception as exc:  # any HSM failure must leave the env result served
+            latency_ms = (time.perf_counter() - started) * 1000
+            log.warning(
+                "hsm_compare_failed",
+                request_id=request_id,
+                error=type(exc).__name__,
+                step=state.step,
+            )
+            self._record(
+                RequestOutcome.HSM_ERROR, quantity, latency_ms, type(exc).__name__, request_id
+            )
+            self._count_comparison(RequestOutcome.HSM_ERROR)
+            return ServedKeys(env_keys, "env")
+
+        mismatches = _mismatches(env_keys, hsm_keys)
+        if mismatches:
+            self._on_mismatch(state, mismatches, request_id)
+            self._record(RequestOutcome.MISMATCH, quantity, latency_ms, "", request_id)
+            self._count_comparison(RequestOutcome.MISMATCH)
+            return ServedKeys(env_keys, "env")
+
+        self._record(RequestOutcome.MATCH, quantity, latency_ms, "", request_id)
+        self._count_comparison(RequestOutcome.MATCH)
+        return ServedKeys(hsm_keys, "hsm")
+
+    def _count_comparison(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.comparisons.labels(outcome=outcome).inc()
+
+    def _on_mismatch(
+        self, state: MigrationState, mismatches: list[tuple[str, str, str]], request_id: str
+    ) -> None:
+        """Record the mismatch, switch this process to env at once, and roll every service back."""
+        with self._lock:
+            if self._state.version == state.version:
+                self._state = replace(
+                    state, mode=KeyManagementMode.ENV.value, percentage=0, step="env"
+                )
+        first_path = mismatches[0][0]
+        log.error(
+            "key_mismatch_detected",
+            request_id=request_id,
+            path=first_path,
+            env_public_key=mismatches[0][1],
+            hsm_public_key=mismatches[0][2],
+            mismatched_keys=len(mismatches),
+            step=state.step,
+        )
+        if self._metrics is not None:
+            self._metrics.mismatched_keys.inc(len(mismatches))
+        try:
+            for path, env_key, hsm_key in mismatches[:MISMATCH_ROWS_MAX]:
+                record_mismatch(
+                    self.store,
+                    MismatchRecord(
+                        at=time.time(),
+                        step_number=state.step_number,
+                        step=state.step,
+                        request_id=request_id,
+                        hd_path=path,
+                        env_public_key=env_key,
+                        hsm_public_key=hsm_key,
+                    ),
+                )
+        except StoreError as exc:
+            log.error("mismatch_record_failed", request_id=request_id, error=str(exc))
+        reason = (
+            f"{len(mismatches)} key(s) differ between env and HSM; first at {first_path}: "
+            f"env {mismatches[0][1]}, HSM {mismatches[0][2]}"
+        )
+        threading.Thread(
+            target=self._roll_back_everywhere, args=(reason,), name="mismatch-rollback", daemon=True
+        ).start()
+
+    def _roll_back_everywhere(self, reason: str) -> None:
+        try:
+            roll_back(
+                self.store,
+                actor=f"key-manager:{self.instance}",
+                reason=reason,
+                notifier=self._notifier,
+                automatic=True,
+            )
+        except PlingsHsmError as exc:
+            log.error("automatic_rollback_failed", instance=self.instance, error=str(exc))
+
+    def _fallback_allowed(self, state: MigrationState) -> bool:
+        return (
+            self._env is not None
+            and self._fallback_enabled
+            and state.fallback_enabled
+            and not state.env_master_removed
+        )
+
+    def _hsm_only(
+        self, state: MigrationState, prefix: BatchPrefix, start: int, quantity: int, request_id: str
+    ) -> ServedKeys:
+        try:
+            keys, latency_ms = self._timed_hsm(prefix, start, quantity)
+        except _CLIENT_ERRORS:
+            raise
+        except Exception as exc:  # every HSM failure is a fallback candidate
+            if not self._fallback_allowed(state):
+                log.warning("hsm_request_failed", request_id=request_id, error=type(exc).__name__)
+                if isinstance(exc, PlingsHsmError):
+                    raise
+                raise HsmServiceError(f"HSM derive failed: {type(exc).__name__}") from exc
+            keys = self._env_keys(prefix, start, quantity, KeyManagementMode.HSM)
+            self._on_fallback(state, exc, request_id, quantity)
+            return ServedKeys(keys, "env")
+
+        self._fallback_episode = False
+        self._record(RequestOutcome.HSM, quantity, latency_ms, "", request_id)
+        return ServedKeys(keys, "hsm")
+
+    def _on_fallback(
+        self, state: MigrationState, exc: Exception, request_id: str, quantity: int
+    ) -> None:
+        """Count, log and record a fallback; audit the first one of each outage."""
+        self._record(RequestOutcome.FALLBACK, quantity, None, type(exc).__name__, request_id)
+        if self._metrics is not None:
+            self._metrics.fallbacks.inc()
+        log.warning(
+            "hsm_fallback_used", request_id=request_id, error=type(exc).__name__, step=state.step
+        )
+        if self._fallback_episode:
+            return
+        self._fallback_episode = True
+        try:
+            with self.store.session() as session:
+                append_audit(
+                    session,
+                    actor=f"key-manager:{self.instance}",
+                    action="hsm_fallback_started",
+                    subject="source",
+                    old_value="hsm",
+                    new_value="env",
+                    detail=f"HSM failed: {type(exc).__name__}; later fallbacks are in the records",
+                )
+        except StoreError as audit_exc:
+            log.warning("fallback_audit_failed", request_id=request_id, error=str(audit_exc))

@@ -1,0 +1,436 @@
+"""The migration runbook as steps on the state store: start, advance, run, finalize, rollback."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from plings_hsm.errors import MigrationStateError
+from plings_hsm.manager.config import KeyManagementMode, ManagerSettings
+from plings_hsm.manager.gates import GateLimits, GateReading, read_gate
+from plings_hsm.manager.notify import MigrationNotice, Notifier
+from plings_hsm.manager.rollout import PERCENTAGE_MAX
+from plings_hsm.store.audit import append_audit
+from plings_hsm.store.db import Store
+from plings_hsm.store.migration import (
+    MigrationState,
+    change_state,
+    ensure_state,
+    latest_gate_readings,
+    load_state,
+    step_stats,
+)
+
+__all__ = [
+    "REMOVE_CONFIRMATION",
+    "ROLLOUT_STEPS",
+    "RunResult",
+    "Runbook",
+    "describe",
+    "initial_state",
+    "open_state",
+    "roll_back",
+]
+
+log = structlog.get_logger(__name__)
+
+ROLLOUT_STEPS = (5, 25, 50, 100)
+"""Rollout percentages that ``migrate run`` soaks in turn."""
+
+REMOVE_CONFIRMATION = "remove env master"
+"""Text an operator types to confirm ``migrate remove-env-master``."""
+
+STEP_ENV = "env"
+STEP_HSM = "hsm"
+STEP_ENV_REMOVED = "hsm-env-removed"
+
+
+def _dual_step(percentage: int) -> str:
+    return f"dual-{percentage}"
+
+
+def describe(state: MigrationState) -> str:
+    """Return ``mode percentage step`` in one short phrase for messages and notices."""
+    if state.mode == KeyManagementMode.DUAL:
+        return f"dual at {state.percentage} % (step {state.step})"
+    return f"{state.mode} (step {state.step})"
+
+
+def initial_state(settings: ManagerSettings, actor: str) -> MigrationState:
+    """Return the starting state the environment describes, used only when the store has none."""
+    now = time.time()
+    mode = settings.mode.value
+    if settings.mode is KeyManagementMode.DUAL:
+        step = _dual_step(settings.rollout_percentage)
+    else:
+        step = mode
+    return MigrationState(
+        mode=mode,
+        percentage=settings.rollout_percentage,
+        whitelist=tuple(sorted(settings.rollout_whitelist)),
+        step=step,
+        step_number=0,
+        step_started_at=now,
+        fallback_enabled=settings.fallback_enabled,
+        env_master_removed=False,
+        expected_fingerprint="",
+        version=1,
+        updated_at=now,
+        updated_by=actor,
+    )
+
+
+def open_state(store: Store, settings: ManagerSettings, actor: str) -> MigrationState:
+    """Return the stored state, storing the environment's starting values first if none."""
+    return ensure_state(store, initial_state(settings, actor))
+
+
+def roll_back(
+    store: Store,
+    *,
+    actor: str,
+    reason: str,
+    notifier: Notifier | None,
+    master_fingerprint: str | None = None,
+    automatic: bool = False,
+) -> tuple[MigrationState, MigrationState]:
+    """Switch every service back to ``env`` at 0 %, audit it and post a notice.
+
+    An automatic rollback (mismatch, failed gate) acts only while the state is ``dual`` or
+    ``hsm``, so many callers racing to roll back write one change.
+
+    Args:
+        master_fingerprint: wallet fingerprint of an env master supplied again; required
+            after ``remove-env-master`` and compared with the fingerprint recorded at start.
+
+    Raises:
+        MigrationStateError: after ``remove-env-master`` without a matching env master.
+    """
+    state = load_state(store)
+    if state is None:
+        raise MigrationStateError("no migration state stored; nothing to roll back")
+    if state.mode == KeyManagementMode.ENV and (automatic or state.step == STEP_ENV):
+        return state, state
+    if state.env_master_removed:
+        if master_fingerprint is None:
+            raise MigrationStateError(
+                "the env master was removed; supply PLINGS_MASTER_KEY again to roll back, and "
+                "restart the services with it"
+            )
+        if state.expected_fingerprint and master_fingerprint != state.expected_fingerprint:
+            raise MigrationStateError(
+                f"the supplied env master has fingerprint {master_fingerprint}; the migrated "
+                f"master has {state.expected_fingerprint}"
+            )
+
+    changes: dict[str, object] = {
+        "mode": KeyManagementMode.ENV.value,
+        "percentage": 0,
+        "step": STEP_ENV,
+        "env_master_removed": False,
+    }
+    if state.env_master_removed:
+        # remove-env-master turned fallback off; a master supplied again may serve as one.
+        changes["fallback_enabled"] = True
+    before, after = change_state(
+        store,
+        actor=actor,
+        action="rolled_back",
+        changes=changes,
+        detail=reason,
+        new_step=True,
+    )
+    log.warning(
+        "migration_rolled_back",
+        actor=actor,
+        from_step=before.step,
+        state_version=after.version,
+        reason=reason,
+        automatic=automatic,
+    )
+    if notifier is not None:
+        notifier.send(
+            MigrationNotice(
+                "rollback" if not automatic else "automatic rollback",
+                actor,
+                describe(before),
+                describe(after),
+                reason,
+            )
+        )
+    return before, after
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """Outcome of ``migrate run``: passed steps, the failing reading if any, and a message."""
+
+    passed_steps: tuple[int, ...]
+    failed: GateReading | None
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        """Whether every step passed its gate."""
+        return self.failed is None and "rolled back" not in self.message
+
+
+class Runbook:
+    """The runbook commands on one state store.
+
+    Args:
+        store: the state store every service follows.
+        settings: gate limits, soak time and polling interval.
+        notifier: webhook receivers of rollbacks and other changes.
+        actor: who runs the commands, written into the audit rows.
+    """
+
+    def __init__(
+        self, store: Store, settings: ManagerSettings, notifier: Notifier, actor: str
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.notifier = notifier
+        self.actor = actor
+        self.limits = GateLimits(
+            settings.gate_min_requests, settings.gate_max_error_rate, settings.gate_max_p99_ms
+        )
+
+    def status(self) -> MigrationState:
+        """Return the stored state, storing the environment's starting values first if none."""
+        return open_state(self.store, self.settings, self.actor)
+
+    def _change(
+        self, action: str, changes: dict[str, object], detail: str = "", new_step: bool = True
+    ) -> MigrationState:
+        before, after = change_state(
+            self.store,
+            actor=self.actor,
+            action=action,
+            changes=changes,
+            detail=detail,
+            new_step=new_step,
+        )
+        log.info("migration_state_changed", action=action, actor=self.actor, step=after.step)
+        self.notifier.send(
+            MigrationNotice(action, self.actor, describe(before), describe(after), detail)
+        )
+        return after
+
+    def start(self, expected_fingerprint: str) -> MigrationState:
+        """Enter ``dual`` at 0 %: services compare nothing yet, but are ready to.
+
+        Raises:
+            MigrationStateError: unless the state is ``env`` with the env master present.
+        """
+        state = self.status()
+        if state.mode != KeyManagementMode.ENV or state.env_master_removed:
+            raise MigrationStateError(
+                f"migrate start needs mode env; the state is {describe(state)}. "
+                "Run 'plings-hsm rollback' first to start over"
+            )
+        return self._change(
+            "migration_started",
+            {
+                "mode": KeyManagementMode.DUAL.value,
+                "percentage": 0,
+                "step": _dual_step(0),
+                "expected_fingerprint": expected_fingerprint,
+            },
+            detail=f"expected wallet fingerprint {expected_fingerprint}",
+        )
+
+    def advance(self, to: int | None = None) -> MigrationState:
+        """Raise the rollout percentage to ``to``, or to the next step of ROLLOUT_STEPS.
+
+        Raises:
+            MigrationStateError: outside ``dual``, or when ``to`` is not above the current
+                percentage or above 100.
+        """
+        state = self.status()
+        if state.mode != KeyManagementMode.DUAL:
+            raise MigrationStateError(
+                f"migrate advance needs mode dual; the state is {describe(state)}"
+            )
+        if to is None:
+            following = [step for step in ROLLOUT_STEPS if step > state.percentage]
+            if not following:
+                raise MigrationStateError(
+                    "the rollout is at 100 %; run 'plings-hsm migrate finalize' once it soaked"
+                )
+            to = following[0]
+        if not state.percentage < to <= PERCENTAGE_MAX:
+            raise MigrationStateError(
+                f"--to {to} is out of range; allowed {state.percentage + 1} to {PERCENTAGE_MAX}"
+            )
+        return self._change("rollout_advanced", {"percentage": to, "step": _dual_step(to)})
+
+    def set_whitelist(self, user_ids: tuple[str, ...]) -> MigrationState:
+        """Replace the rollout whitelist; the step and its records stay."""
+        return self._change(
+            "whitelist_changed", {"whitelist": tuple(sorted(set(user_ids)))}, new_step=False
+        )
+
+    def rollback(self, reason: str, master_fingerprint: str | None = None) -> MigrationState:
+        """Return every service to ``env`` from any step (see :func:`roll_back`)."""
+        _before, after = roll_back(
+            self.store,
+            actor=self.actor,
+            reason=reason,
+            notifier=self.notifier,
+            master_fingerprint=master_fingerprint,
+        )
+        return after
+
+    def _soak(
+        self,
+        state: MigrationState,
+        soak_s: float,
+        poll_s: float,
+        progress: Callable[[str], None],
+        sleep: Callable[[float], None],
+    ) -> str | None:
+        """Wait out a step's soak; return why it must stop early, or None."""
+        deadline = state.step_started_at + soak_s
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                return None
+            sleep(min(poll_s, remaining))
+            fresh = load_state(self.store)
+            if fresh is None or fresh.version != state.version:
+                shown = describe(fresh) if fresh is not None else "missing"
+                by = fresh.updated_by if fresh is not None else "unknown"
+                return f"the state changed to {shown} by {by} during the soak"
+            mismatches = step_stats(self.store, state.step_number).mismatches
+            if mismatches:
+                return f"{mismatches} mismatch(es) recorded during step {state.step}"
+            progress(f"step {state.step}: {max(0.0, remaining - poll_s):.0f} s of soak left")
+
+    def run(
+        self,
+        soak_s: float | None = None,
+        poll_s: float | None = None,
+        progress: Callable[[str], None] = lambda _message: None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> RunResult:
+        """Hold 5, 25, 50 and 100 % in turn; pass each step only through its gate.
+
+        A failed gate or a mismatch rolls every service back to ``env`` by itself. A
+        step already reached (after ``advance``) is soaked from when it started.
+
+        Raises:
+            MigrationStateError: outside ``dual``.
+        """
+        soak = self.settings.soak_s if soak_s is None else soak_s
+        poll = self.settings.state_poll_s if poll_s is None else poll_s
+        state = self.status()
+        if state.mode != KeyManagementMode.DUAL:
+            raise MigrationStateError(
+                f"migrate run needs mode dual; the state is {describe(state)}. "
+                "Run 'plings-hsm migrate start' first"
+            )
+
+        passed: list[int] = []
+        targets = [step for step in ROLLOUT_STEPS if step >= state.percentage]
+        for target in targets:
+            if state.percentage != target:
+                state = self.advance(target)
+            progress(f"step {state.step}: soaking for {soak:.0f} s")
+            stop_reason = self._soak(state, soak, poll, progress, sleep)
+            if stop_reason is not None:
+                if "mismatch" in stop_reason:
+                    self._auto_rollback(stop_reason)
+                    return RunResult(tuple(passed), None, f"rolled back: {stop_reason}")
+                return RunResult(tuple(passed), None, f"stopped: {stop_reason}")
+
+            reading = read_gate(self.store, state, self.limits)
+            if not reading.passed:
+                self._auto_rollback(f"gate of step {state.step} failed: {reading.reason}")
+                return RunResult(
+                    tuple(passed),
+                    reading,
+                    f"rolled back: gate of {state.step} failed: {reading.reason}",
+                )
+            self._audit_gate(reading)
+            passed.append(target)
+            progress(
+                f"step {state.step}: gate passed ({reading.stats.compared} compared, "
+                f"error rate {reading.error_rate:.4f}, p99 {reading.p99_ms:.1f} ms)"
+            )
+        return RunResult(
+            tuple(passed), None, "100 % soaked and passed; run 'plings-hsm migrate finalize'"
+        )
+
+    def _audit_gate(self, reading: GateReading) -> None:
+        with self.store.session() as session:
+            append_audit(
+                session,
+                actor=self.actor,
+                action="gate_passed",
+                subject=reading.step,
+                new_value=f"compared={reading.stats.compared} p99_ms={reading.p99_ms:.1f}",
+                detail=reading.reason,
+            )
+
+    def _auto_rollback(self, reason: str) -> None:
+        roll_back(
+            self.store, actor=self.actor, reason=reason, notifier=self.notifier, automatic=True
+        )
+
+    def finalize(self, soak_s: float | None = None) -> MigrationState:
+        """Switch to ``hsm`` once 100 % has soaked and its gate passed.
+
+        Raises:
+            MigrationStateError: unless the state is ``dual`` at 100 %, soaked for the soak
+                time, with a passing gate (read now if ``migrate run`` did not record one).
+        """
+        soak = self.settings.soak_s if soak_s is None else soak_s
+        state = self.status()
+        if state.mode != KeyManagementMode.DUAL or state.percentage != PERCENTAGE_MAX:
+            raise MigrationStateError(
+                f"migrate finalize needs dual at 100 %; the state is {describe(state)}"
+            )
+        passed = any(
+            reading.passed and reading.step_number == state.step_number
+            for reading in latest_gate_readings(self.store, limit=50)
+        )
+        if not passed:
+            soaked_s = time.time() - state.step_started_at
+            if soaked_s < soak:
+                raise MigrationStateError(
+                    f"100 % has soaked for {soaked_s:.0f} s; the soak time is {soak:.0f} s"
+                )
+            reading = read_gate(self.store, state, self.limits)
+            if not reading.passed:
+                raise MigrationStateError(f"the gate of 100 % failed: {reading.reason}")
+            self._audit_gate(reading)
+        return self._change(
+            "migration_finalized", {"mode": KeyManagementMode.HSM.value, "step": STEP_HSM}
+        )
+
+    def remove_env_master(self, confirmation: str) -> MigrationState:
+        """Record that the env master is gone, so services drop it and never fall back.
+
+        Raises:
+            MigrationStateError: unless the state is ``hsm`` after finalize and
+                ``confirmation`` is exactly REMOVE_CONFIRMATION.
+        """
+        state = self.status()
+        if state.mode != KeyManagementMode.HSM or state.step != STEP_HSM:
+            raise MigrationStateError(
+                f"migrate remove-env-master needs a finalized migration; the state is "
+                f"{describe(state)}"
+            )
+        if confirmation.strip() != REMOVE_CONFIRMATION:
+            raise MigrationStateError(
+                f"confirmation does not match; type exactly {REMOVE_CONFIRMATION!r}"
+            )
+        return self._change(
+            "env_master_removed",
+            {"env_master_removed": True, "fallback_enabled": False, "step": STEP_ENV_REMOVED},
+            detail="services drop the env master; rollback needs PLINGS_MASTER_KEY again",
+        )
