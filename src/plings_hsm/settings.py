@@ -71,7 +71,9 @@ def _int_setting(environ: Mapping[str, str], name: str, default: int, low: int, 
 
 def _secret_setting(environ: Mapping[str, str], name: str) -> Secret | None:
     raw = environ.get(name)
-    return Secret(raw) if raw else None
+    # os.fsencode restores the bytes of a value that is not UTF-8 (Python keeps them as
+    # surrogate escapes), so the value's own check rejects it instead of a UnicodeError.
+    return Secret(os.fsencode(raw)) if raw else None
 
 
 def _path_setting(environ: Mapping[str, str], name: str) -> Path | None:
@@ -113,6 +115,8 @@ class Settings:
         """
         env = os.environ if environ is None else environ
         label = env.get("PLINGS_TOKEN_LABEL", "").strip() or DEFAULT_TOKEN_LABEL
+        if not label.isprintable():
+            raise ConfigError(f"PLINGS_TOKEN_LABEL {label!r} is not printable UTF-8 text")
         if len(label.encode("utf-8")) > TOKEN_LABEL_MAX_BYTES:
             raise ConfigError(
                 f"PLINGS_TOKEN_LABEL {label!r} is {len(label.encode('utf-8'))} bytes; "

@@ -37,6 +37,11 @@ def check_pin(name: str, pin: Secret | None) -> Secret:
         raise ConfigError(f"{name} is not set; export it before running this command")
     if not PIN_MIN_BYTES <= len(pin) <= PIN_MAX_BYTES:
         raise ConfigError(f"{name} is {len(pin)} bytes; need {PIN_MIN_BYTES} to {PIN_MAX_BYTES}")
+    # python-pkcs11 and PyKCS11 take PINs as str, so a PIN must be UTF-8 text.
+    try:
+        pin.reveal_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name} is not valid UTF-8 text") from None
     return pin
 
 
