@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import structlog
+from rich.console import Console
+from rich.table import Column, Table
 
 from plings_hsm.backends.env import EnvBackend
 from plings_hsm.backends.pkcs11 import Pkcs11Backend
@@ -15,9 +17,25 @@ from plings_hsm.home import Home
 from plings_hsm.secrets import Secret
 from plings_hsm.settings import Settings
 
-__all__ = ["CliContext"]
+__all__ = ["PIPED_OUTPUT_COLUMNS", "CliContext", "output_console", "value_table"]
 
 log = structlog.get_logger(__name__)
+
+PIPED_OUTPUT_COLUMNS = 200
+"""Width of output written to a pipe or a file; rich assumes 80 columns there."""
+
+
+def output_console() -> Console:
+    """Return the console commands print to, wide when standard output is not a terminal."""
+    console = Console(highlight=False, soft_wrap=True, markup=False)
+    if not console.is_terminal:
+        console.width = PIPED_OUTPUT_COLUMNS
+    return console
+
+
+def value_table(*headers: str) -> Table:
+    """Return a table that wraps long cells, such as fingerprints, instead of cutting them."""
+    return Table(*(Column(header, overflow="fold") for header in headers))
 
 
 class CliContext:

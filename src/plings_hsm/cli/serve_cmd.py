@@ -9,14 +9,12 @@ from typing import Annotated
 
 import httpx
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from plings_hsm.backends.env import EnvBackend
 from plings_hsm.backends.pkcs11 import Pkcs11Backend
 from plings_hsm.backends.token_init import check_pin, init_token
 from plings_hsm.cli.app import app, context
-from plings_hsm.cli.context import CliContext
+from plings_hsm.cli.context import CliContext, output_console, value_table
 from plings_hsm.cli.exit_codes import EXIT_CHECK_FAILED
 from plings_hsm.core.path import BatchPrefix
 from plings_hsm.core.seed import decode_master_key
@@ -27,7 +25,7 @@ from plings_hsm.service.tls import TlsFiles, ensure_local_tls
 
 __all__ = ["DEMO_BATCH", "DEMO_QUANTITY", "DEMO_TOKEN_LABEL"]
 
-_out = Console(highlight=False, soft_wrap=True, markup=False)
+_out = output_console()
 
 DEMO_TOKEN_LABEL = "plings-demo"  # noqa: S105 - a label, not a password
 """Token label of the demo; it never touches the production label."""
@@ -105,7 +103,7 @@ def _demo_secrets(ctx: CliContext) -> None:
 
 
 def _show_keys(keys: list[dict[str, object]]) -> None:
-    table = Table("instance", "humanReadablePath", "publicKey")
+    table = value_table("instance", "humanReadablePath", "publicKey")
     shown = (
         keys
         if len(keys) <= 2 * DEMO_ROWS_SHOWN

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from plings_hsm.backends.pkcs11 import REQUIRED_MECHANISMS, Pkcs11Backend
 from plings_hsm.backends.token import read_token_info
 from plings_hsm.backends.token_init import init_token
 from plings_hsm.cli.app import app, context, keys_app, token_app
+from plings_hsm.cli.context import output_console, value_table
 from plings_hsm.cli.exit_codes import EXIT_CHECK_FAILED
 from plings_hsm.core.path import INDEX_MAX
 from plings_hsm.core.seed import decode_master_key
@@ -26,7 +25,7 @@ from plings_hsm.secrets import Secret
 
 __all__ = ["DoctorCheck", "run_doctor"]
 
-_out = Console(highlight=False, soft_wrap=True, markup=False)
+_out = output_console()
 
 WalletOption = Annotated[
     int, typer.Option("--wallet", min=0, max=INDEX_MAX, help="Wallet version (0 to 2^31 - 1).")
@@ -61,7 +60,7 @@ def token_status(
     ctx = context()
     ctx.softhsm_conf()
     info = read_token_info(ctx.settings.module_path(), label or ctx.settings.token_label)
-    table = Table("field", "value")
+    table = value_table("field", "value")
     for name, value in info.items():
         table.add_row(name, str(value))
     _out.print(table)
@@ -107,7 +106,7 @@ def keys_list() -> None:
         wallets = backend.wallets()
     finally:
         backend.close()
-    table = Table("wallet", "label", "scheme", "fingerprint")
+    table = value_table("wallet", "label", "scheme", "fingerprint")
     for info in wallets:
         table.add_row(str(info.version), info.label, str(info.scheme), info.fingerprint)
     _out.print(table)
@@ -254,7 +253,7 @@ def run_doctor() -> list[DoctorCheck]:
 def doctor() -> None:
     """Check module, config, token folder modes, token, login, mechanisms and wallets."""
     checks = run_doctor()
-    table = Table("check", "result", "detail", "fix")
+    table = value_table("check", "result", "detail", "fix")
     for check in checks:
         table.add_row(check.name, "ok" if check.ok else "FAIL", check.detail, check.fix)
     _out.print(table)
