@@ -1,0 +1,209 @@
+"""The identifier API over real HTTPS on 127.0.0.1, in front of the real HSM service."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from migration_support import (
+    HSM_API_KEY,
+    TEST_MASTER_KEY,
+    TEST_SEED,
+    RunningService,
+    reference_key,
+    serve,
+    track,
+    wait_until,
+)
+
+from plings_hsm.errors import ConfigError
+from plings_hsm.identifier.build import IdentifierStack, build_identifier
+from plings_hsm.manager.config import KeyManagementMode, ManagerSettings
+from plings_hsm.secrets import Secret
+from plings_hsm.service.tls import TlsFiles
+from plings_hsm.store.db import Store
+from plings_hsm.store.migration import change_state
+
+CLIENT_KEY = "identifier-client-key-0123456789"
+ADMIN_KEY = "identifier-admin-key-0123456789"
+BODY = {"manufacturer": 1, "category": 1, "classId": 1, "batch": 99999, "quantity": 3}
+
+
+def settings_for(hsm: RunningService, **overrides: object) -> ManagerSettings:
+    values: dict[str, object] = {
+        "master_key": Secret(TEST_MASTER_KEY),
+        "hsm_endpoint": hsm.url,
+        "hsm_api_key": HSM_API_KEY,
+        "hsm_ca_file": hsm.ca_file,
+        "hsm_retries": 0,
+        "state_poll_s": 0.1,
+        "identifier_api_keys": (Secret(CLIENT_KEY),),
+        "admin_api_key": Secret(ADMIN_KEY),
+        "rollout_whitelist": frozenset({"vip"}),
+    }
+    values.update(overrides)
+    return ManagerSettings(**values)  # type: ignore[arg-type]
+
+
+@dataclass
+class Identifier:
+    """A running identifier API, its stack and an HTTPS client."""
+
+    stack: IdentifierStack
+    service: RunningService
+    client: httpx.Client
+    store: Store
+
+    def derive(self, user_id: str | None = None, **extra: object) -> httpx.Response:
+        body: dict[str, object] = {**BODY, **extra}
+        if user_id is not None:
+            body["userId"] = user_id
+        return self.client.post(
+            "/api/derive-keys", json=body, headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+        )
+
+    def admin(self, method: str, route: str, **kwargs: object) -> httpx.Response:
+        return self.client.request(
+            method,
+            route,
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture
+def identifier(
+    hsm_service: RunningService, tls_files: TlsFiles, tmp_path: Path
+) -> Iterator[Identifier]:
+    """The identifier API in env mode on a fresh SQLite store."""
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    stack = build_identifier(settings_for(hsm_service), store)
+    service = serve(stack.app, tls_files, name="identifier")
+    client = httpx.Client(
+        base_url=service.url, verify=ssl.create_default_context(cafile=str(tls_files.ca_cert))
+    )
+    yield Identifier(stack, service, client, store)
+    client.close()
+    service.stop()
+    stack.close()
+
+
+class TestDerive:
+    """POST /api/derive-keys returns the wire shape and names its source."""
+
+    def test_env_mode_source_env(self, identifier: Identifier) -> None:
+        response = identifier.derive("vip")
+        assert response.status_code == 200
+        assert response.headers["X-Key-Source"] == "env"
+
+    def test_keys_equal_reference(self, identifier: Identifier) -> None:
+        for key in identifier.derive("vip").json()["keys"]:
+            assert key["publicKey"] == reference_key(TEST_SEED, key["hdPath"])
+
+    def test_dual_inside_source_hsm(self, identifier: Identifier) -> None:
+        change_state(identifier.store, actor="test", action="set", changes={"mode": "dual"})
+        identifier.stack.manager.refresh()
+        assert identifier.derive("vip").headers["X-Key-Source"] == "hsm"
+
+    def test_dual_outside_source_env(self, identifier: Identifier) -> None:
+        change_state(identifier.store, actor="test", action="set", changes={"mode": "dual"})
+        identifier.stack.manager.refresh()
+        assert identifier.derive("not-listed").headers["X-Key-Source"] == "env"
+
+    def test_hsm_mode_source_hsm(self, identifier: Identifier) -> None:
+        change_state(identifier.store, actor="test", action="set", changes={"mode": "hsm"})
+        assert wait_until(lambda: identifier.stack.manager.state.mode == "hsm", 5)
+        assert identifier.derive().headers["X-Key-Source"] == "hsm"
+
+    def test_wrong_client_key_401(self, identifier: Identifier) -> None:
+        response = identifier.client.post(
+            "/api/derive-keys", json=BODY, headers={"Authorization": f"Bearer {ADMIN_KEY}x"}
+        )
+        assert response.status_code == 401
+
+    def test_quantity_limit_422(self, identifier: Identifier) -> None:
+        response = identifier.derive(quantity=10_001)
+        assert response.status_code == 422
+        assert response.json()["error"]["field"] == "quantity"
+
+    def test_user_id_must_be_text(self, identifier: Identifier) -> None:
+        response = identifier.client.post(
+            "/api/derive-keys",
+            json={**BODY, "userId": 5},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        )
+        assert response.status_code == 422
+
+
+class TestHealthAndMetrics:
+    """/health is open and secret-free; /metrics needs the admin key."""
+
+    def test_health_reports_mode(self, identifier: Identifier) -> None:
+        body = identifier.client.get("/health").json()
+        assert (body["status"], body["mode"], body["envMasterLoaded"]) == ("ok", "env", True)
+        assert body["hsm"]["reachable"]
+
+    def test_health_has_no_master(self, identifier: Identifier) -> None:
+        assert TEST_MASTER_KEY not in identifier.client.get("/health").text
+
+    def test_metrics_need_admin(self, identifier: Identifier) -> None:
+        response = identifier.client.get(
+            "/metrics", headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+        )
+        assert response.status_code == 401
+
+    def test_metrics_count_sources(self, identifier: Identifier) -> None:
+        identifier.derive("vip")
+        text = identifier.admin("GET", "/metrics").text
+        assert 'plings_key_requests_total{source="env"} 1.0' in text
+
+
+class TestAdmin:
+    """Admin endpoints change the migration state with the admin key only."""
+
+    def test_client_key_rejected(self, identifier: Identifier) -> None:
+        response = identifier.client.post(
+            "/admin/migration/rollback", json={}, headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+        )
+        assert response.status_code == 401
+
+    def test_state_shown(self, identifier: Identifier) -> None:
+        body = identifier.admin("GET", "/admin/migration").json()
+        assert (body["mode"], body["percentage"]) == ("env", 0)
+
+    def test_advance_outside_dual_409(self, identifier: Identifier) -> None:
+        response = identifier.admin("POST", "/admin/migration/advance", json={"percentage": 5})
+        assert response.status_code == 409
+
+    def test_rollback_from_dual(self, identifier: Identifier) -> None:
+        change_state(identifier.store, actor="test", action="set", changes={"mode": "dual"})
+        response = identifier.admin("POST", "/admin/migration/rollback", json={"reason": "drill"})
+        assert response.json()["mode"] == "env"
+        assert identifier.stack.manager.state.mode == "env"
+
+    def test_whitelist_replaced(self, identifier: Identifier) -> None:
+        response = identifier.admin(
+            "PUT", "/admin/migration/whitelist", json={"userIds": ["a", "b", "a"]}
+        )
+        assert response.json()["whitelistSize"] == 2
+
+
+class TestBuild:
+    """Every mode gets what it needs at start, or the start fails with a clear message."""
+
+    def test_dual_without_endpoint_rejected(
+        self, tmp_path: Path, hsm_service: RunningService
+    ) -> None:
+        store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+        settings = settings_for(hsm_service, hsm_endpoint=None, mode=KeyManagementMode.DUAL)
+        with pytest.raises(ConfigError, match="HSM_ENDPOINT"):
+            build_identifier(settings, store)
+
+    def test_env_mode_builds_hsm_too(self, tmp_path: Path, hsm_service: RunningService) -> None:
+        store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+        stack = track(build_identifier(settings_for(hsm_service), store))
+        assert stack.manager.hsm_backend is not None
