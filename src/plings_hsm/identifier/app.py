@@ -51,7 +51,7 @@ USER_ID_MAX_CHARS = 256
 
 @dataclass(frozen=True)
 class IdentifierConfig:
-    """What the identifier API needs besides its key manager and runbook.
+    """Settings of the identifier API besides its key manager and runbook.
 
     Args:
         api_keys: bearer keys of the applications that derive keys.
@@ -212,7 +212,7 @@ def create_identifier_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """Report the mode in force and whether its key sources answer; no auth, no secrets."""
+        """Report the mode in force and whether its key sources are reachable; no auth."""
         hsm = manager.hsm_backend
         hsm_health = await run_in_threadpool(hsm.health) if hsm is not None else None
         state = manager.state
@@ -243,7 +243,7 @@ def create_identifier_app(
     async def derive_keys(
         body: IdentifierDeriveRequest, request: Request, response: Response
     ) -> DeriveKeysResponse:
-        """Derive ``quantity`` keys of one batch; ``X-Key-Source`` says which source served."""
+        """Derive ``quantity`` keys of one batch; ``X-Key-Source`` names the source that served."""
         check_instance_range(body.startInstance, body.quantity, config.quantity_max)
         wallet = config.default_wallet if body.walletVersion is None else body.walletVersion
         prefix = BatchPrefix(wallet, body.manufacturer, body.category, body.classId, body.batch)
