@@ -18,10 +18,14 @@ from plings_hsm.cli.context import CliContext, output_console, value_table
 from plings_hsm.cli.exit_codes import EXIT_CHECK_FAILED
 from plings_hsm.core.path import BatchPrefix
 from plings_hsm.core.seed import decode_master_key
+from plings_hsm.errors import ConfigError
 from plings_hsm.logs import configure_logging
-from plings_hsm.service.app import ServiceConfig, create_app
+from plings_hsm.service.app import create_app
+from plings_hsm.service.config import ServiceConfig, service_config_from_env
 from plings_hsm.service.server import ServiceServer, tls_config
 from plings_hsm.service.tls import TlsFiles, ensure_local_tls
+from plings_hsm.store.api_keys import ApiKeyStore
+from plings_hsm.store.db import Store
 
 __all__ = ["DEMO_BATCH", "DEMO_QUANTITY", "DEMO_TOKEN_LABEL"]
 
@@ -52,6 +56,27 @@ def _tls_files(ctx: CliContext) -> TlsFiles:
     return ensure_local_tls(ctx.home.tls_dir)
 
 
+def _service_config(ctx: CliContext) -> ServiceConfig:
+    """Read the service settings: HSM_API_KEY (when set), the store's API keys, limits."""
+    try:
+        configured = ctx.api_keys()
+    except ConfigError:
+        configured = ()
+    if ctx.settings.database_url is None:
+        ctx.home.ensure()
+    key_store = ApiKeyStore(Store(ctx.settings.store_url()))
+    if not configured and not key_store.list_keys(include_revoked=False):
+        raise ConfigError(
+            "no API key: set HSM_API_KEY or create one with 'plings-hsm apikey create'"
+        )
+    return service_config_from_env(
+        api_keys=configured,
+        key_store=key_store,
+        default_wallet=ctx.settings.default_wallet,
+        quantity_max=ctx.settings.quantity_max,
+    )
+
+
 def _service_log_level() -> None:
     configure_logging(os.environ.get("PLINGS_LOG_LEVEL", "INFO"))
 
@@ -70,11 +95,7 @@ def serve(
     ctx = context()
     backend = ctx.pkcs11_backend()
     try:
-        service_config = ServiceConfig(
-            api_keys=ctx.api_keys(),
-            default_wallet=ctx.settings.default_wallet,
-            quantity_max=ctx.settings.quantity_max,
-        )
+        service_config = _service_config(ctx)
         tls = _tls_files(ctx)
         server_app = create_app(backend, service_config)
         config = tls_config(

@@ -2,126 +2,194 @@
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import base64
+import binascii
+from typing import Annotated, Any
 
+import base58
 import structlog
-from fastapi import Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from plings_hsm import __version__
 from plings_hsm.backends.base import KeyBackend
 from plings_hsm.core.batch import check_instance_range
-from plings_hsm.core.path import BatchPrefix
-from plings_hsm.errors import AuthenticationError
-from plings_hsm.secrets import Secret
+from plings_hsm.core.path import BatchPrefix, IdentifierPath
+from plings_hsm.errors import AuthenticationError, InvalidRequestError, RateLimitedError
+from plings_hsm.service.auth import ApiClient, Authenticator
+from plings_hsm.service.config import ServiceConfig
 from plings_hsm.service.errors import install_error_handlers
+from plings_hsm.service.middleware import (
+    BodyLimitMiddleware,
+    ClientGateMiddleware,
+    CorsMiddleware,
+    RequestContextMiddleware,
+)
+from plings_hsm.service.ratelimit import RateLimiter
 from plings_hsm.service.schemas import (
     DeriveKeysRequest,
     DeriveKeysResponse,
     ErrorResponse,
     HealthResponse,
     KeyItem,
+    SignRequest,
+    SignResponse,
     WalletItem,
 )
+from plings_hsm.service.streaming import NDJSON_MEDIA_TYPE, ndjson_response, wants_ndjson
 
-__all__ = ["ServiceConfig", "create_app"]
+__all__ = ["SIGN_MESSAGE_MAX_BYTES", "ServiceConfig", "create_app"]
 
 log = structlog.get_logger(__name__)
 
-_ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
-    404: {"model": ErrorResponse, "description": "Unknown walletVersion"},
-    422: {"model": ErrorResponse, "description": "A field is invalid; `error.field` names it"},
-    500: {"model": ErrorResponse, "description": "Internal HSM error; see the log by requestId"},
-    503: {"model": ErrorResponse, "description": "The token is unavailable"},
+SIGN_MESSAGE_MAX_BYTES = 16 * 1024
+"""Largest message ``/api/sign`` signs, in bytes after base64 decoding."""
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+_COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    429: _error("Over a budget; `Retry-After` gives the seconds to wait"),
+    500: _error("Internal HSM error; the log has the rest under the requestId"),
 }
 
+_API_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: _error("Missing or invalid API key; the body never says which"),
+    403: _error("CORS preflight from an origin not in ALLOWED_ORIGINS"),
+    404: _error("Unknown walletVersion"),
+    413: _error("Body over the size limit; `error.field` is `body`"),
+    422: _error("A field is invalid or over its limit; `error.field` names it"),
+    **_COMMON_ERRORS,
+    503: _error("The token or the state store is unavailable"),
+}
 
-@dataclass(frozen=True)
-class ServiceConfig:
-    """What the service needs besides its backend.
+_DERIVE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": (
+            "The batch. With `Accept: application/x-ndjson`, one key a line as it is "
+            "derived; an error after the first line ends the stream with one error line."
+        ),
+        "content": {NDJSON_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/KeyItem"}}},
+    },
+    **_API_ERRORS,
+}
 
-    Args:
-        api_keys: accepted bearer keys; HSM_API_KEY is one of them.
-        default_wallet: walletVersion used when a request omits it.
-        quantity_max: largest batch a request may ask for.
-    """
-
-    api_keys: tuple[Secret, ...]
-    default_wallet: int = 1
-    quantity_max: int = 10_000
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An API key from `plings-hsm apikey create`, or HSM_API_KEY.",
+)
 
 
-def _bearer_token(request: Request) -> bytes | None:
-    header = request.headers.get("authorization")
-    if header is None:
-        return None
-    # Starlette decodes headers as latin-1; encoding back gives the bytes on the wire.
-    raw = header.encode("latin-1")
-    scheme, _, token = raw.partition(b" ")
-    if scheme.lower() != b"bearer" or not token.strip():
-        return None
-    return token.strip()
+def _client(request: Request) -> ApiClient:
+    client = getattr(request.state, "api_client", None)
+    if not isinstance(client, ApiClient):
+        # The gate middleware authenticates every non-public path; this is the backstop.
+        raise AuthenticationError("missing or invalid API key")
+    return client
+
+
+def require_client(
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ApiClient:
+    """Return the client the gate middleware authenticated (declares bearer auth in OpenAPI)."""
+    return _client(request)
+
+
+AuthenticatedClient = Annotated[ApiClient, Depends(require_client)]
+"""A route parameter that receives the authenticated client."""
+
+
+def _decode_message(text: str) -> bytes:
+    try:
+        message = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise InvalidRequestError(
+            f"message of {len(text)} characters is not base64 (RFC 4648, padded)",
+            field="message",
+        ) from exc
+    if len(message) > SIGN_MESSAGE_MAX_BYTES:
+        raise InvalidRequestError(
+            f"message is {len(message)} bytes; the limit is {SIGN_MESSAGE_MAX_BYTES}",
+            field="message",
+        )
+    return message
 
 
 def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
     """Build the HSM service app around ``backend``.
 
     Raises:
-        ValueError: when no API key is configured; the service never runs open.
+        ValueError: when neither a configured key nor a key store is given; the service
+            never runs open.
     """
-    if not config.api_keys:
-        raise ValueError("the HSM service needs at least one API key (set HSM_API_KEY)")
+    if not config.api_keys and config.key_store is None:
+        raise ValueError(
+            "the HSM service needs at least one API key (set HSM_API_KEY or create one "
+            "with 'plings-hsm apikey create')"
+        )
 
     app = FastAPI(
         title="plings-hsm",
         version=__version__,
         description="Derives Plings identifier keys from wallet masters held in a PKCS#11 token.",
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app)
+    limiter = RateLimiter(config.clock)
+    app.state.limiter = limiter
+    app.add_middleware(
+        BodyLimitMiddleware,
+        body_max_bytes=config.body_max_bytes,
+        json_depth_max=config.json_depth_max,
+    )
+    app.add_middleware(
+        ClientGateMiddleware,
+        config=config,
+        authenticator=Authenticator(config),
+        limiter=limiter,
+    )
+    app.add_middleware(
+        CorsMiddleware,
+        allow_origins=config.allowed_origins,
+        allow_methods=("GET", "POST"),
+        allow_headers=("Authorization", "Content-Type", "Accept"),
+        allow_credentials=config.cors_allow_credentials,
+        expose_headers=("X-Request-ID", "Retry-After"),
+    )
+    app.add_middleware(RequestContextMiddleware, config=config)
 
-    @app.middleware("http")
-    async def request_context(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request_id = uuid.uuid4().hex
-        request.state.request_id = request_id
-        request.state.keys_derived = 0
-        started = time.perf_counter()
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = request_id
-        log.info(
-            "request_completed",
-            request_id=request_id,
-            method=request.method,
-            route=request.url.path,
-            status=response.status_code,
-            keys_derived=request.state.keys_derived,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
-        )
-        return response
-
-    def require_api_key(request: Request) -> None:
-        token = _bearer_token(request)
-        accepted = False
-        for key in config.api_keys:
-            # Compare against every key so the time does not tell which one matched.
-            if token is not None and key.equals(token):
-                accepted = True
-        if not accepted:
-            log.warning(
-                "authentication_failed",
-                request_id=request.state.request_id,
-                client=request.client.host if request.client else "unknown",
-                reason="missing" if token is None else "invalid",
+    def charge_keys(client: ApiClient, quantity: int) -> None:
+        if quantity > client.keys_per_minute:
+            raise InvalidRequestError(
+                f"quantity {quantity} is more than API key {client.name!r} may derive in a "
+                f"minute ({client.keys_per_minute}); split the batch",
+                field="quantity",
             )
-            raise AuthenticationError("missing or invalid API key")
+        charge = limiter.charge(f"keys:{client.key_id}", client.keys_per_minute, quantity)
+        if not charge.accepted:
+            log.warning(
+                "keys_rate_limited",
+                key_name=client.name,
+                quantity=quantity,
+                retry_after_s=charge.retry_after_s,
+            )
+            raise RateLimitedError(
+                f"API key {client.name!r} is over its budget of {client.keys_per_minute} keys "
+                f"a minute for {quantity} more; retry after {charge.retry_after_s} s",
+                charge.retry_after_s,
+            )
 
-    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    @app.get(
+        "/health",
+        response_model=HealthResponse,
+        responses={503: {"model": HealthResponse}, **_COMMON_ERRORS},
+    )
     async def health() -> JSONResponse:
         """Report whether the token answers and which wallets it holds; no auth, no secrets."""
         result = await run_in_threadpool(backend.health)
@@ -134,23 +202,59 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
         )
         return JSONResponse(body.model_dump(), status_code=200 if result.ok else 503)
 
-    @app.post(
-        "/api/derive-keys",
-        response_model=DeriveKeysResponse,
-        responses=_ERROR_RESPONSES,
-        dependencies=[Depends(require_api_key)],
-    )
-    async def derive_keys(body: DeriveKeysRequest, request: Request) -> DeriveKeysResponse:
-        """Derive ``quantity`` keys of one batch from ``startInstance`` on."""
+    @app.post("/api/derive-keys", response_model=DeriveKeysResponse, responses=_DERIVE_RESPONSES)
+    async def derive_keys(
+        body: DeriveKeysRequest, request: Request, client: AuthenticatedClient
+    ) -> DeriveKeysResponse | Response:
+        """Derive ``quantity`` keys of one batch from ``startInstance`` on.
+
+        With ``Accept: application/x-ndjson`` the keys stream one a line as they are
+        derived, so a batch never sits whole in memory.
+        """
         check_instance_range(body.startInstance, body.quantity, config.quantity_max)
         wallet = config.default_wallet if body.walletVersion is None else body.walletVersion
         prefix = BatchPrefix(wallet, body.manufacturer, body.category, body.classId, body.batch)
+        charge_keys(client, body.quantity)
 
+        if wants_ndjson(request):
+            keys_iter = backend.iter_keys(prefix, body.startInstance, body.quantity)
+            return await ndjson_response(request, keys_iter)
         keys = await run_in_threadpool(
             backend.derive_keys, prefix, body.startInstance, body.quantity
         )
         request.state.keys_derived = len(keys)
         items = [KeyItem(**key.to_wire()) for key in keys]  # type: ignore[arg-type]
         return DeriveKeysResponse(count=len(items), keys=items)
+
+    @app.post("/api/sign", response_model=SignResponse, responses=_API_ERRORS)
+    async def sign(
+        body: SignRequest, request: Request, client: AuthenticatedClient
+    ) -> SignResponse:
+        """Sign a base64 message with the Ed25519 key of one instance (RFC 8032)."""
+        message = _decode_message(body.message)
+        wallet = config.default_wallet if body.walletVersion is None else body.walletVersion
+        path = IdentifierPath(
+            wallet,
+            body.manufacturer,
+            body.category,
+            body.classId,
+            body.batch,
+            body.instanceNumber,
+        )
+        charge_keys(client, 1)
+
+        signature = await run_in_threadpool(backend.sign, path, message)
+        request.state.keys_derived = 1
+        log.info(
+            "message_signed",
+            request_id=request.state.request_id,
+            key_name=client.name,
+            path=path.hd_path,
+            message_bytes=len(message),
+        )
+        return SignResponse(
+            publicKey=base58.b58encode(signature.public_key).decode("ascii"),
+            signature=base64.b64encode(signature.signature).decode("ascii"),
+        )
 
     return app

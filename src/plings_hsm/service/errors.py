@@ -16,7 +16,10 @@ from plings_hsm.errors import (
     ConfigError,
     InvalidPathError,
     InvalidRequestError,
+    PayloadTooLargeError,
     PlingsHsmError,
+    RateLimitedError,
+    StoreError,
     TokenError,
     WalletNotFoundError,
 )
@@ -33,10 +36,13 @@ INTERNAL_MESSAGE = "Internal HSM error"
 
 _STATUS_BY_ERROR: tuple[tuple[type[PlingsHsmError], int, str], ...] = (
     (AuthenticationError, 401, "unauthorized"),
+    (RateLimitedError, 429, "rate_limited"),
     (InvalidPathError, 422, "invalid_path"),
+    (PayloadTooLargeError, 413, "payload_too_large"),
     (InvalidRequestError, 422, "invalid_request"),
     (WalletNotFoundError, 404, "wallet_not_found"),
     (TokenError, 503, "token_unavailable"),
+    (StoreError, 503, "store_unavailable"),
     (ConfigError, 500, "internal_error"),
 )
 
@@ -103,15 +109,27 @@ async def _on_product_error(request: Request, exc: Exception) -> JSONResponse:
     if status == 500:
         return await _on_unexpected(request, exc)
     if status == 503:
-        log.warning("request_failed", request_id=_request_id(request), error=type(exc).__name__)
+        log.warning(
+            "request_failed",
+            request_id=_request_id(request),
+            error=type(exc).__name__,
+            detail=str(exc),
+        )
     field = getattr(exc, "field", None)
-    return error_response(request, status, str(exc), code=code, field=field)
+    headers = None
+    if isinstance(exc, RateLimitedError):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    return error_response(request, status, str(exc), code=code, field=field, headers=headers)
 
 
 async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, RequestValidationError):
         return await _on_unexpected(request, exc)
     first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        # The location of a JSON syntax error is a byte offset, not a field.
+        message = f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'invalid')}"
+        return error_response(request, 422, message, code="invalid_json", field="body")
     field = _field_of(tuple(first.get("loc", ())))
     value = first.get("input")
     reason = first.get("msg", "invalid value")
@@ -135,6 +153,7 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         request_id=_request_id(request),
         error=type(exc).__name__,
         path=request.url.path,
+        exc_info=exc,
     )
     return error_response(request, 500, INTERNAL_MESSAGE, code="internal_error")
 

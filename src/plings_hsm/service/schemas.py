@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from plings_hsm.core.path import INDEX_MAX
 
@@ -15,6 +15,8 @@ __all__ = [
     "ErrorResponse",
     "HealthResponse",
     "KeyItem",
+    "SignRequest",
+    "SignResponse",
     "WalletItem",
 ]
 
@@ -50,6 +52,28 @@ class DeriveKeysResponse(BaseModel):
     success: Literal[True] = True
     count: int
     keys: list[KeyItem]
+
+
+class SignRequest(BaseModel):
+    """A message to sign with the key of one instance; ``message`` is base64 text."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    manufacturer: Index
+    category: Index
+    classId: Index  # noqa: N815 - wire name
+    batch: Index
+    instanceNumber: Index  # noqa: N815 - wire name
+    walletVersion: Index | None = None  # noqa: N815 - wire name
+    message: StrictStr = Field(description="The bytes to sign, base64 (RFC 4648, padded).")
+
+
+class SignResponse(BaseModel):
+    """An Ed25519 signature (RFC 8032) and the public key that verifies it."""
+
+    success: Literal[True] = True
+    publicKey: str = Field(description="base58, as in derive responses")  # noqa: N815 - wire name
+    signature: str = Field(description="64 bytes, base64")
 
 
 class WalletItem(BaseModel):

@@ -11,9 +11,12 @@ from typing import Any
 import structlog
 import uvicorn
 
-__all__ = ["STARTUP_TIMEOUT_S", "ServiceServer", "tls_config"]
+__all__ = ["STARTUP_TIMEOUT_S", "TLS12_CIPHERS", "ServiceServer", "tls_config"]
 
 log = structlog.get_logger(__name__)
+
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+"""OpenSSL cipher string for TLS 1.2: ECDHE key exchange with AES-GCM or ChaCha20-Poly1305."""
 
 STARTUP_TIMEOUT_S = 15.0
 """Time a background server may take to start listening."""
@@ -29,6 +32,9 @@ def tls_config(app: Any, host: str, port: int, cert: Path, key: Path) -> uvicorn
         ssl_keyfile=str(key),
         log_config=None,
         access_log=False,
+        # Forwarding headers are read by the app, from configured proxies only;
+        # uvicorn's own reader would trust loopback by default.
+        proxy_headers=False,
         server_header=False,
         date_header=True,
         timeout_graceful_shutdown=10,
@@ -37,6 +43,9 @@ def tls_config(app: Any, host: str, port: int, cert: Path, key: Path) -> uvicorn
     if config.ssl is None:
         raise RuntimeError("uvicorn did not build a TLS context")
     config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+    config.ssl.maximum_version = ssl.TLSVersion.TLSv1_3
+    # TLS 1.2 suites with forward secrecy and AEAD only; TLS 1.3 suites are all AEAD.
+    config.ssl.set_ciphers(TLS12_CIPHERS)
     return config
 
 

@@ -1,0 +1,113 @@
+"""Bearer API keys of the HSM service: configured keys and keys in the state store."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from plings_hsm.secrets import Secret
+from plings_hsm.service.config import ServiceConfig
+from plings_hsm.store.api_keys import ApiKeyStore
+
+__all__ = ["LAST_USED_INTERVAL_S", "ApiClient", "Authenticator", "bearer_token"]
+
+LAST_USED_INTERVAL_S = 60.0
+"""A key's last-used time is written at most this often, so a busy key costs no write a request."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiClient:
+    """An authenticated client: its key id, name and budgets (never the key itself)."""
+
+    key_id: str
+    name: str
+    requests_per_minute: int
+    keys_per_minute: int
+
+
+def bearer_token(authorization: str | None) -> bytes | None:
+    """Return the token of an ``Authorization: Bearer`` header, or ``None``.
+
+    Starlette decodes headers as latin-1, so encoding back gives the bytes on the wire;
+    a non-ASCII token stays bytes and simply matches no key.
+    """
+    if authorization is None:
+        return None
+    raw = authorization.encode("latin-1")
+    scheme, _, token = raw.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    return token
+
+
+class Authenticator:
+    """Find the client a bearer token belongs to.
+
+    Configured keys (HSM_API_KEY) are compared in constant time, every one of them on
+    every request. Store keys are found by their public key id and compared by digest.
+
+    Args:
+        config: the service configuration with the configured keys, the store and the
+            default budgets.
+    """
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self._static: tuple[tuple[Secret, ApiClient], ...] = tuple(
+            (key, self._static_client(config, index)) for index, key in enumerate(config.api_keys)
+        )
+        self._store: ApiKeyStore | None = config.key_store
+        self._requests_per_minute = config.budget_requests_per_minute
+        self._keys_per_minute = config.budget_keys_per_minute
+        self._clock = config.clock
+        self._last_written: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _static_client(config: ServiceConfig, index: int) -> ApiClient:
+        name = config.static_key_name if index == 0 else f"{config.static_key_name}#{index + 1}"
+        return ApiClient(
+            key_id=f"config-{index + 1}",
+            name=name,
+            requests_per_minute=config.budget_requests_per_minute,
+            keys_per_minute=config.budget_keys_per_minute,
+        )
+
+    def authenticate(self, token: bytes | None) -> ApiClient | None:
+        """Return the client of ``token``, or ``None`` when it matches no active key.
+
+        Blocks on the state store; call it from a worker thread.
+
+        Raises:
+            StoreError: when the state store fails.
+        """
+        if token is None:
+            return None
+        found: ApiClient | None = None
+        for key, client in self._static:
+            if key.equals(token):
+                found = client
+        if found is not None or self._store is None:
+            return found
+
+        record = self._store.verify(token)
+        if record is None:
+            return None
+        self._mark_used(record.key_id)
+        return ApiClient(
+            key_id=record.key_id,
+            name=record.name,
+            requests_per_minute=record.requests_per_minute or self._requests_per_minute,
+            keys_per_minute=record.keys_per_minute or self._keys_per_minute,
+        )
+
+    def _mark_used(self, key_id: str) -> None:
+        if self._store is None:
+            return
+        now = self._clock()
+        with self._lock:
+            last = self._last_written.get(key_id)
+            if last is not None and now - last < LAST_USED_INTERVAL_S:
+                return
+            self._last_written[key_id] = now
+        self._store.mark_used(key_id)

@@ -1,0 +1,194 @@
+"""What the HSM service needs besides its backend, and how it is read from the environment."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from plings_hsm.errors import ConfigError
+from plings_hsm.secrets import Secret
+from plings_hsm.service.client_address import IPNetwork, ProxyHeader, parse_networks
+from plings_hsm.settings import QUANTITY_MAX_DEFAULT
+from plings_hsm.store.api_keys import BUDGET_MAX_PER_MINUTE, ApiKeyStore
+
+__all__ = [
+    "AUTH_FAILURES_PER_MINUTE_DEFAULT",
+    "BODY_MAX_BYTES_DEFAULT",
+    "JSON_DEPTH_MAX_DEFAULT",
+    "KEYS_PER_MINUTE_DEFAULT",
+    "REQUESTS_PER_MINUTE_DEFAULT",
+    "ServiceConfig",
+    "service_config_from_env",
+]
+
+REQUESTS_PER_MINUTE_DEFAULT = 100
+"""Requests a minute per API key, and per address before authentication."""
+
+KEYS_PER_MINUTE_DEFAULT = 200_000
+"""Keys derived (or signed with) a minute per API key."""
+
+AUTH_FAILURES_PER_MINUTE_DEFAULT = 10
+"""Failed authentication attempts a minute from one address before it gets 429."""
+
+BODY_MAX_BYTES_DEFAULT = 64 * 1024
+"""Largest request body in bytes; a derive request is about 150 bytes."""
+
+JSON_DEPTH_MAX_DEFAULT = 16
+"""Deepest nesting of arrays and objects in a request body; the API needs depth 1."""
+
+_ORIGIN_RE = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def _check_origins(origins: tuple[str, ...], allow_credentials: bool) -> None:
+    for origin in origins:
+        if origin == "*":
+            continue
+        if not _ORIGIN_RE.fullmatch(origin):
+            raise ConfigError(
+                f"ALLOWED_ORIGINS entry {origin!r} is not an origin; write scheme://host[:port] "
+                "with no path and no trailing slash, e.g. https://app.example.com"
+            )
+    if "*" in origins and allow_credentials:
+        raise ConfigError(
+            "ALLOWED_ORIGINS '*' with PLINGS_CORS_ALLOW_CREDENTIALS=true would let every site "
+            "send credentialed requests; list the origins instead"
+        )
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What the service needs besides its backend; every field but the keys has a default.
+
+    Args:
+        api_keys: bearer keys from configuration (HSM_API_KEY is one); each is one client.
+        default_wallet: walletVersion used when a request omits it.
+        quantity_max: largest batch one derive request may ask for.
+        key_store: API keys kept hashed in the state store, beside ``api_keys``.
+        budget_requests_per_minute: requests a minute of a key without its own budget.
+        budget_keys_per_minute: keys derived or signed with a minute, same keys.
+        budget_address_requests_per_minute: requests a minute of one client address
+            before authentication (health, OpenAPI, failed authentication).
+        budget_auth_failures_per_minute: failed authentications a minute from one
+            address; past it, every authenticated route answers 429 to that address.
+        allowed_origins: browser origins CORS lets in; ``*`` only without credentials.
+        cors_allow_credentials: send ``Access-Control-Allow-Credentials: true``.
+        trusted_proxies: networks whose forwarding header is read.
+        proxy_header: which forwarding header the trusted proxies write.
+        body_max_bytes: largest request body.
+        json_depth_max: deepest nesting of arrays and objects in a body.
+        static_key_name: client name of the configured keys in the logs.
+        clock: monotonic seconds for the budgets; tests pass their own.
+    """
+
+    api_keys: tuple[Secret, ...] = ()
+    default_wallet: int = 1
+    quantity_max: int = QUANTITY_MAX_DEFAULT
+    key_store: ApiKeyStore | None = None
+    budget_requests_per_minute: int = REQUESTS_PER_MINUTE_DEFAULT
+    budget_keys_per_minute: int = KEYS_PER_MINUTE_DEFAULT
+    budget_address_requests_per_minute: int = REQUESTS_PER_MINUTE_DEFAULT
+    budget_auth_failures_per_minute: int = AUTH_FAILURES_PER_MINUTE_DEFAULT
+    allowed_origins: tuple[str, ...] = ()
+    cors_allow_credentials: bool = False
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    proxy_header: ProxyHeader = ProxyHeader.X_FORWARDED_FOR
+    body_max_bytes: int = BODY_MAX_BYTES_DEFAULT
+    json_depth_max: int = JSON_DEPTH_MAX_DEFAULT
+    static_key_name: str = "HSM_API_KEY"
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_origins(self.allowed_origins, self.cors_allow_credentials)
+        positive = {
+            "quantity_max": self.quantity_max,
+            "budget_requests_per_minute": self.budget_requests_per_minute,
+            "budget_keys_per_minute": self.budget_keys_per_minute,
+            "budget_address_requests_per_minute": self.budget_address_requests_per_minute,
+            "budget_auth_failures_per_minute": self.budget_auth_failures_per_minute,
+            "body_max_bytes": self.body_max_bytes,
+            "json_depth_max": self.json_depth_max,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} {value} is out of range; it must be at least 1")
+
+
+def _int_setting(environ: Mapping[str, str], name: str, default: int, high: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= high:
+        raise ConfigError(f"{name} {raw!r} is invalid; allowed a whole number from 1 to {high}")
+    return int(raw)
+
+
+def _bool_setting(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(f"{name} {raw!r} is invalid; allowed true or false")
+
+
+def service_config_from_env(
+    environ: Mapping[str, str] | None = None,
+    *,
+    api_keys: tuple[Secret, ...],
+    key_store: ApiKeyStore | None,
+    default_wallet: int,
+    quantity_max: int,
+) -> ServiceConfig:
+    """Read the service's network settings from ``environ`` (default ``os.environ``).
+
+    Raises:
+        ConfigError: naming the variable, the value and what is allowed.
+    """
+    env = os.environ if environ is None else environ
+    origins = tuple(
+        origin.strip() for origin in env.get("ALLOWED_ORIGINS", "").split(",") if origin.strip()
+    )
+    try:
+        trusted = parse_networks(env.get("PLINGS_TRUSTED_PROXIES", ""), "PLINGS_TRUSTED_PROXIES")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    header_name = env.get("PLINGS_PROXY_HEADER", "").strip().lower() or "x-forwarded-for"
+    try:
+        header = ProxyHeader(header_name)
+    except ValueError as exc:
+        raise ConfigError(
+            f"PLINGS_PROXY_HEADER {header_name!r} is invalid; allowed x-forwarded-for or forwarded"
+        ) from exc
+    budget_max = BUDGET_MAX_PER_MINUTE
+
+    return ServiceConfig(
+        api_keys=api_keys,
+        default_wallet=default_wallet,
+        quantity_max=quantity_max,
+        key_store=key_store,
+        budget_requests_per_minute=_int_setting(
+            env, "PLINGS_REQUESTS_PER_MINUTE", REQUESTS_PER_MINUTE_DEFAULT, budget_max
+        ),
+        budget_keys_per_minute=_int_setting(
+            env, "PLINGS_KEYS_PER_MINUTE", KEYS_PER_MINUTE_DEFAULT, budget_max
+        ),
+        budget_address_requests_per_minute=_int_setting(
+            env, "PLINGS_ADDRESS_REQUESTS_PER_MINUTE", REQUESTS_PER_MINUTE_DEFAULT, budget_max
+        ),
+        budget_auth_failures_per_minute=_int_setting(
+            env, "PLINGS_AUTH_FAILURES_PER_MINUTE", AUTH_FAILURES_PER_MINUTE_DEFAULT, budget_max
+        ),
+        allowed_origins=origins,
+        cors_allow_credentials=_bool_setting(env, "PLINGS_CORS_ALLOW_CREDENTIALS"),
+        trusted_proxies=trusted,
+        proxy_header=header,
+        body_max_bytes=_int_setting(
+            env, "PLINGS_BODY_MAX_BYTES", BODY_MAX_BYTES_DEFAULT, 16 * 1024 * 1024
+        ),
+        json_depth_max=_int_setting(env, "PLINGS_JSON_DEPTH_MAX", JSON_DEPTH_MAX_DEFAULT, 256),
+    )
