@@ -63,15 +63,15 @@ class Notifier:
                 response = httpx.post(url, json=body, timeout=self._timeout_s)
             except httpx.HTTPError as exc:
                 log.warning(
-                    "webhook_failed", event=notice.event, host=host, error=type(exc).__name__
+                    "webhook_failed", notice=notice.event, host=host, error=type(exc).__name__
                 )
                 continue
             if response.is_success:
                 delivered += 1
-                log.info("webhook_sent", event=notice.event, host=host)
+                log.info("webhook_sent", notice=notice.event, host=host)
             else:
                 log.warning(
-                    "webhook_failed", event=notice.event, host=host, status=response.status_code
+                    "webhook_failed", notice=notice.event, host=host, status=response.status_code
                 )
         return delivered
 

@@ -1,0 +1,292 @@
+"""``plings-hsm migrate``, ``rollback``, ``validate`` and ``identifier serve``: the runbook."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from plings_hsm.backends.env import EnvBackend
+from plings_hsm.cli.app import app, context
+from plings_hsm.cli.exit_codes import EXIT_CHECK_FAILED
+from plings_hsm.cli.serve_cmd import _tls_files
+from plings_hsm.errors import ConfigError
+from plings_hsm.home import DIR_MODE
+from plings_hsm.identifier.build import build_identifier
+from plings_hsm.logs import configure_logging
+from plings_hsm.manager.backup import token_dir_of
+from plings_hsm.manager.checks import Check, run_preflight, run_validate
+from plings_hsm.manager.config import ManagerSettings
+from plings_hsm.manager.migration import REMOVE_CONFIRMATION, Runbook, describe
+from plings_hsm.manager.notify import Notifier
+from plings_hsm.service.server import ServiceServer, tls_config
+from plings_hsm.store.db import Store
+from plings_hsm.store.migration import MigrationState, latest_gate_readings, step_stats
+
+__all__ = ["identifier_app", "migrate_app"]
+
+_out = Console(highlight=False, soft_wrap=True, markup=False)
+
+migrate_app = typer.Typer(
+    help="Move from the env master to the HSM: preflight, start, advance, run, finalize.",
+    no_args_is_help=True,
+)
+identifier_app = typer.Typer(help="Run the identifier API.", no_args_is_help=True)
+app.add_typer(migrate_app, name="migrate")
+app.add_typer(identifier_app, name="identifier")
+
+ActorOption = Annotated[
+    str | None,
+    typer.Option(help="Name written into the audit log; default PLINGS_ACTOR or the login name."),
+]
+
+
+def _actor(given: str | None) -> str:
+    return given or os.environ.get("PLINGS_ACTOR", "").strip() or getpass.getuser()
+
+
+def _manager_settings() -> ManagerSettings:
+    return ManagerSettings.from_env()
+
+
+def _store() -> Store:
+    ctx = context()
+    if ctx.settings.database_url is None:
+        ctx.home.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    return Store(ctx.settings.store_url())
+
+
+def _runbook(actor: str | None) -> Runbook:
+    settings = _manager_settings()
+    return Runbook(
+        _store(),
+        settings,
+        Notifier(settings.webhook_urls, settings.webhook_timeout_s),
+        _actor(actor),
+    )
+
+
+def _show_state(state: MigrationState, runbook: Runbook) -> None:
+    table = Table("field", "value")
+    table.add_row("mode", state.mode)
+    table.add_row("percentage", f"{state.percentage} %")
+    table.add_row("whitelist", f"{len(state.whitelist)} user id(s)")
+    table.add_row("step", f"{state.step} (number {state.step_number})")
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(state.step_started_at))
+    table.add_row("step started", f"{started}, {time.time() - state.step_started_at:.0f} s ago")
+    table.add_row("fallback", "on" if state.fallback_enabled else "off")
+    table.add_row("env master", "removed" if state.env_master_removed else "present")
+    table.add_row("expected fingerprint", state.expected_fingerprint or "-")
+    table.add_row("state version", f"{state.version} by {state.updated_by}")
+    stats = step_stats(runbook.store, state.step_number)
+    table.add_row(
+        "this step",
+        f"{stats.served} served, {stats.compared} compared, {stats.mismatches} mismatched, "
+        f"{stats.errors} HSM errors, {stats.fallbacks} fallbacks",
+    )
+    for reading in latest_gate_readings(runbook.store, limit=3):
+        verdict = "passed" if reading.passed else "FAILED"
+        table.add_row(f"gate {reading.step}", f"{verdict}: {reading.reason}")
+    _out.print(table)
+
+
+def _show_checks(title: str, checks: list[Check]) -> bool:
+    table = Table("check", "result", "detail", title=title)
+    for check in checks:
+        table.add_row(check.name, "pass" if check.ok else "FAIL", check.detail)
+    _out.print(table)
+    return all(check.ok for check in checks)
+
+
+@migrate_app.command("status")
+def status(actor: ActorOption = None) -> None:
+    """Show the migration state, the current step's counts and the latest gate readings."""
+    runbook = _runbook(actor)
+    _show_state(runbook.status(), runbook)
+
+
+@migrate_app.command("preflight")
+def preflight(actor: ActorOption = None) -> None:
+    """Check the env master, the token, both fingerprints, the HSM service, a backup and the store.
+
+    Exits 9 when any check fails.
+    """
+    ctx = context()
+    settings = _manager_settings()
+    master = ctx.settings.master_key
+    checks = run_preflight(
+        settings=settings,
+        store=_store(),
+        master_key=master,
+        token_backend=ctx.pkcs11_backend,
+        token_label=ctx.settings.token_label,
+        token_dir=lambda: token_dir_of(ctx.softhsm_conf()),
+        backups_dir=ctx.home.root / "backups",
+        actor=_actor(actor),
+    )
+    if not _show_checks("preflight", checks):
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@migrate_app.command("start")
+def start(actor: ActorOption = None) -> None:
+    """Enter dual mode at 0 %, recording the env master's wallet fingerprint."""
+    settings = _manager_settings()
+    if settings.master_key is None:
+        raise ConfigError("PLINGS_MASTER_KEY is not set; migrate start records its fingerprint")
+    env = EnvBackend(settings.master_key, wallets=(settings.default_wallet,))
+    try:
+        fingerprint = env.wallet_fingerprint(settings.default_wallet)
+    finally:
+        env.close()
+    runbook = _runbook(actor)
+    state = runbook.start(fingerprint)
+    _out.print(f"migration started: {describe(state)}; expected fingerprint {fingerprint}")
+
+
+@migrate_app.command("advance")
+def advance(
+    to: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=100, help="Rollout percentage; default the next of 5, 25, 50, 100."
+        ),
+    ] = None,
+    actor: ActorOption = None,
+) -> None:
+    """Raise the rollout percentage by hand."""
+    state = _runbook(actor).advance(to)
+    _out.print(f"rollout advanced: {describe(state)}")
+
+
+@migrate_app.command("run")
+def run(
+    soak: Annotated[
+        float | None,
+        typer.Option(min=0, help="Seconds each step is held; default PLINGS_MIGRATION_SOAK_S."),
+    ] = None,
+    poll: Annotated[
+        float | None,
+        typer.Option(min=0.05, help="Seconds between checks; default PLINGS_STATE_POLL_S."),
+    ] = None,
+    actor: ActorOption = None,
+) -> None:
+    """Hold 5, 25, 50 and 100 % in turn, each passed only through its gate.
+
+    A failed gate or a mismatch rolls back to env by itself and exits 9.
+    """
+    runbook = _runbook(actor)
+    result = runbook.run(soak, poll, progress=_out.print)
+    _out.print(result.message)
+    if not result.ok:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@migrate_app.command("finalize")
+def finalize(actor: ActorOption = None) -> None:
+    """Switch every service to hsm once 100 % has soaked and passed its gate."""
+    state = _runbook(actor).finalize()
+    _out.print(f"migration finalized: {describe(state)}")
+
+
+@migrate_app.command("remove-env-master")
+def remove_env_master(
+    confirm: Annotated[
+        str | None,
+        typer.Option(help=f"Type {REMOVE_CONFIRMATION!r} to confirm without a prompt."),
+    ] = None,
+    actor: ActorOption = None,
+) -> None:
+    """Record that the env master is gone; services drop it and never fall back to it.
+
+    Delete PLINGS_MASTER_KEY from the services' environments and env files afterwards;
+    rollback then needs it supplied again.
+    """
+    typed = confirm
+    if typed is None:
+        typed = typer.prompt(f"Type {REMOVE_CONFIRMATION!r} to confirm")
+    state = _runbook(actor).remove_env_master(typed)
+    _out.print(
+        f"env master removed: {describe(state)}. Delete PLINGS_MASTER_KEY from every service "
+        "environment and env file, then run 'plings-hsm validate'"
+    )
+
+
+@app.command("rollback")
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why; written into the audit log and the notice.")] = (
+        "manual rollback"
+    ),
+    actor: ActorOption = None,
+) -> None:
+    """Switch every running service back to env from any step, within one poll interval.
+
+    After remove-env-master, PLINGS_MASTER_KEY must be set again in this command's
+    environment, with the fingerprint recorded at migrate start.
+    """
+    settings = _manager_settings()
+    fingerprint = None
+    if settings.master_key is not None:
+        env = EnvBackend(settings.master_key, wallets=(settings.default_wallet,))
+        try:
+            fingerprint = env.wallet_fingerprint(settings.default_wallet)
+        finally:
+            env.close()
+    runbook = _runbook(actor)
+    before = runbook.status()
+    after = runbook.rollback(reason, master_fingerprint=fingerprint)
+    if after.version == before.version:
+        _out.print(f"already on env: {describe(after)}")
+        return
+    _out.print(
+        f"rolled back: {describe(before)} -> {describe(after)}; running services follow within "
+        f"{settings.state_poll_s:g} s"
+    )
+    if before.env_master_removed:
+        _out.print("services started without PLINGS_MASTER_KEY must be restarted with it")
+
+
+@app.command("validate")
+def validate() -> None:
+    """Check a finished migration: both services, 100 keys in under 5 s, no env master, audit.
+
+    Exits 9 when any check fails.
+    """
+    settings = _manager_settings()
+    checks = run_validate(settings=settings, store=_store(), environ=os.environ)
+    if not _show_checks("validate", checks):
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@identifier_app.command("serve")
+def serve_identifier(
+    host: Annotated[
+        str | None, typer.Option(help="Listen address; default PLINGS_IDENTIFIER_HOST.")
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="TCP port; default PLINGS_IDENTIFIER_PORT."),
+    ] = None,
+) -> None:
+    """Run the identifier API over HTTPS until SIGINT or SIGTERM."""
+    configure_logging(os.environ.get("PLINGS_LOG_LEVEL", "INFO"))
+    ctx = context()
+    settings = _manager_settings()
+    stack = build_identifier(settings, _store(), instance=f"identifier:{os.getpid()}")
+    try:
+        tls = _tls_files(ctx)
+        config = tls_config(
+            stack.app,
+            host or settings.identifier_host,
+            port or settings.identifier_port,
+            tls.server_cert,
+            tls.server_key,
+        )
+        ServiceServer(config, name="identifier-api").run()
+    finally:
+        stack.close()

@@ -1,0 +1,210 @@
+"""The runbook commands as an operator runs them: child processes on a real store and token."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from migration_support import (
+    HSM_API_KEY,
+    MIG_TOKEN_LABEL,
+    MIG_USER_PIN,
+    TEST_MASTER_KEY,
+    RunningService,
+    module_path,
+    pick_port,
+)
+
+from plings_hsm.backends.pkcs11 import Pkcs11Backend
+from plings_hsm.store.audit import list_audit
+from plings_hsm.store.db import Store
+from plings_hsm.store.migration import load_state
+
+CLI = [sys.executable, "-c", "from plings_hsm.cli.main import main; main()"]
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    bodies: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        _Receiver.bodies.append(self.rfile.read(length))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+@pytest.fixture
+def webhook() -> Iterator[str]:
+    """A tiny HTTP receiver on 127.0.0.1 that keeps the bodies it gets."""
+    _Receiver.bodies = []
+    server = HTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, webhook: str) -> dict[str, str]:
+    """Environment of a CLI child: a home in tmp_path, the test master, two webhooks."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PLINGS_", "SOFTHSM_", "HSM_", "KEY_MANAGEMENT"))
+    }
+    env.update(
+        {
+            "PLINGS_HSM_HOME": str(tmp_path / "home"),
+            "PLINGS_MASTER_KEY": TEST_MASTER_KEY,
+            "PLINGS_ACTOR": "cli-test",
+            "PLINGS_WEBHOOK_URLS": f"{webhook},http://127.0.0.1:{pick_port()}/down",
+            "PLINGS_WEBHOOK_TIMEOUT_S": "1",
+            "PYTHONPATH": os.pathsep.join(sys.path),
+        }
+    )
+    return env
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def state_of(env: dict[str, str]) -> tuple[str, int]:
+    store = Store(f"sqlite:///{Path(env['PLINGS_HSM_HOME']) / 'plings-hsm.db'}")
+    state = load_state(store)
+    store.close()
+    assert state is not None
+    return state.mode, state.percentage
+
+
+class TestRunbookCommands:
+    """start, advance, status and rollback change the stored state and audit it."""
+
+    def test_start_enters_dual(self, cli_env: dict[str, str]) -> None:
+        result = run_cli(cli_env, "migrate", "start")
+        assert result.returncode == 0, result.stderr
+        assert state_of(cli_env) == ("dual", 0)
+
+    def test_advance_steps(self, cli_env: dict[str, str]) -> None:
+        run_cli(cli_env, "migrate", "start")
+        run_cli(cli_env, "migrate", "advance")
+        assert state_of(cli_env) == ("dual", 5)
+        run_cli(cli_env, "migrate", "advance", "--to", "50")
+        assert state_of(cli_env) == ("dual", 50)
+
+    def test_advance_before_start_exit_22(self, cli_env: dict[str, str]) -> None:
+        result = run_cli(cli_env, "migrate", "advance")
+        assert result.returncode == 22
+        assert "needs mode dual" in result.stderr
+
+    def test_status_shows_mode(self, cli_env: dict[str, str]) -> None:
+        run_cli(cli_env, "migrate", "start")
+        result = run_cli(cli_env, "migrate", "status")
+        assert "dual" in result.stdout
+
+    def test_rollback_returns_to_env(self, cli_env: dict[str, str]) -> None:
+        run_cli(cli_env, "migrate", "start")
+        run_cli(cli_env, "migrate", "advance", "--to", "25")
+        result = run_cli(cli_env, "rollback", "--reason", "drill")
+        assert result.returncode == 0, result.stderr
+        assert state_of(cli_env) == ("env", 0)
+
+    def test_rollback_posts_webhook(self, cli_env: dict[str, str]) -> None:
+        run_cli(cli_env, "migrate", "start")
+        result = run_cli(cli_env, "rollback", "--reason", "drill")
+        assert result.returncode == 0
+        assert any(b'"text"' in body and b"drill" in body for body in _Receiver.bodies)
+
+    def test_rollback_audited(self, cli_env: dict[str, str]) -> None:
+        run_cli(cli_env, "migrate", "start")
+        run_cli(cli_env, "rollback", "--reason", "drill")
+        store = Store(f"sqlite:///{Path(cli_env['PLINGS_HSM_HOME']) / 'plings-hsm.db'}")
+        with store.session() as session:
+            entries = list_audit(session, action="rolled_back")
+        assert entries[0].actor == "cli-test"
+
+    def test_finalize_needs_100(self, cli_env: dict[str, str]) -> None:
+        run_cli(cli_env, "migrate", "start")
+        result = run_cli(cli_env, "migrate", "finalize")
+        assert result.returncode == 22
+
+    def test_remove_needs_finalize(self, cli_env: dict[str, str]) -> None:
+        result = run_cli(cli_env, "migrate", "remove-env-master", "--confirm", "remove env master")
+        assert result.returncode == 22
+
+    def test_no_master_in_output(self, cli_env: dict[str, str]) -> None:
+        result = run_cli(cli_env, "migrate", "start")
+        assert TEST_MASTER_KEY not in result.stdout + result.stderr
+
+
+class TestRemovedMaster:
+    """After remove-env-master, rollback needs the env master again."""
+
+    def test_rollback_without_master_fails(self, cli_env: dict[str, str]) -> None:
+        run_cli(cli_env, "migrate", "start")
+        run_cli(cli_env, "migrate", "advance", "--to", "100")
+        env = {**cli_env, "PLINGS_MIGRATION_SOAK_S": "0", "PLINGS_GATE_MIN_REQUESTS": "0"}
+        assert run_cli(env, "migrate", "finalize").returncode == 0
+        wrong = run_cli(env, "migrate", "remove-env-master", "--confirm", "yes")
+        assert wrong.returncode == 22
+        assert (
+            run_cli(
+                env, "migrate", "remove-env-master", "--confirm", "remove env master"
+            ).returncode
+            == 0
+        )
+        no_master = {key: value for key, value in env.items() if key != "PLINGS_MASTER_KEY"}
+        result = run_cli(no_master, "rollback")
+        assert result.returncode == 22
+        assert "supply PLINGS_MASTER_KEY again" in result.stderr
+        assert run_cli(env, "rollback").returncode == 0
+
+
+class TestPreflight:
+    """preflight checks the real token, the real HSM service and makes a backup."""
+
+    def test_passes_and_backs_up(
+        self, cli_env: dict[str, str], hsm_service: RunningService, mig_backend: Pkcs11Backend
+    ) -> None:
+        env = {
+            **cli_env,
+            "SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"],
+            "PLINGS_PKCS11_MODULE": str(module_path()),
+            "PLINGS_TOKEN_LABEL": MIG_TOKEN_LABEL,
+            "SOFTHSM_USER_PIN": MIG_USER_PIN.reveal_text(),
+            "HSM_ENDPOINT": hsm_service.url,
+            "HSM_API_KEY": HSM_API_KEY.reveal_text(),
+            "HSM_CA_FILE": str(hsm_service.ca_file),
+        }
+        result = run_cli(env, "migrate", "preflight")
+        assert result.returncode == 0, result.stdout + result.stderr
+        archives = list((Path(env["PLINGS_HSM_HOME"]) / "backups").glob("token-*.tar.gz"))
+        assert len(archives) == 1
+        assert archives[0].stat().st_mode & 0o777 == 0o600
+
+    def test_fails_without_hsm(self, cli_env: dict[str, str], mig_backend: Pkcs11Backend) -> None:
+        env = {
+            **cli_env,
+            "SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"],
+            "PLINGS_PKCS11_MODULE": str(module_path()),
+            "PLINGS_TOKEN_LABEL": MIG_TOKEN_LABEL,
+            "SOFTHSM_USER_PIN": MIG_USER_PIN.reveal_text(),
+            "HSM_ENDPOINT": f"https://127.0.0.1:{pick_port()}",
+            "HSM_API_KEY": HSM_API_KEY.reveal_text(),
+        }
+        result = run_cli(env, "migrate", "preflight")
+        assert result.returncode == 9
+        assert "FAIL" in result.stdout
