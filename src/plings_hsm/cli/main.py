@@ -7,7 +7,13 @@ import sys
 
 import structlog
 
-from plings_hsm.cli import apikey_cmd, derive_cmd, serve_cmd, token_cmds  # noqa: F401 - registers commands
+from plings_hsm.cli import (  # noqa: F401 - registers commands
+    apikey_cmd,
+    derive_cmd,
+    migrate_cmd,
+    serve_cmd,
+    token_cmds,
+)
 from plings_hsm.cli.app import app
 from plings_hsm.cli.exit_codes import EXIT_INTERNAL, exit_code_of
 from plings_hsm.errors import PlingsHsmError
