@@ -145,9 +145,9 @@ class TestRejections:
             assert text[:8] not in message
 
     def test_repr_hides_master(self, env_backend: EnvBackend) -> None:
-        shown = repr(env_backend)
-        assert TEST_MASTER_KEY not in shown
-        assert TEST_SEED.hex() not in shown
+        text = repr(env_backend)
+        assert TEST_MASTER_KEY not in text
+        assert TEST_SEED.hex() not in text
 
     def test_closed_backend_rejects(self) -> None:
         backend = EnvBackend(Secret(TEST_MASTER_KEY))

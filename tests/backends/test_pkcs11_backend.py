@@ -41,7 +41,7 @@ WALLET_SEEDS = {
     4: SEED_LEADING_ZEROS,
     INDEX_MAX: TEST_SEED,
 }
-"""Wallet version and the seed imported under it; each seed length gets its own label."""
+"""Seed imported under each wallet version, so each seed length has a label of its own."""
 
 PREFIX = BatchPrefix(1, 1, 1, 1, 99999)
 
@@ -111,7 +111,7 @@ def backend(backend_token: TokenInfo) -> Iterator[Pkcs11Backend]:
 
 @pytest.fixture(scope="module")
 def first_imports(backend: Pkcs11Backend) -> dict[int, ImportResult]:
-    """Import every seed of WALLET_SEEDS once; the results of these first imports."""
+    """Import every seed of WALLET_SEEDS once and return the results by wallet."""
     return {wallet: backend.import_master(wallet, seed) for wallet, seed in WALLET_SEEDS.items()}
 
 
@@ -163,7 +163,7 @@ class TestMasterObject:
 
 
 class TestReimport:
-    """Importing the same master again changes nothing; a different one is rejected."""
+    """Importing the same master again changes nothing, and a different one is rejected."""
 
     def test_same_master_is_noop(
         self, backend: Pkcs11Backend, first_imports: dict[int, ImportResult]

@@ -39,7 +39,7 @@ SPY_MODULE = Path("/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so")
 PREFIX = BatchPrefix(1, 1, 1, 1, 99999)
 DERIVE_ARGS = ["derive", "--manufacturer", "1", "--category", "1", "--class", "1", "--batch", "1"]
 
-# Two derivations after a wrong PIN, in one process; prints [class name, message] of each.
+# Two derivations after a wrong PIN in one process. Prints [class name, message] of each.
 TWICE_AFTER_WRONG_PIN = """
 import json, os, sys
 from pathlib import Path
@@ -74,7 +74,7 @@ def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
 
 
 def last_json_line(stdout: str) -> Any:
-    """Parse the script's result, the last line; unconfigured structlog prints above it."""
+    """Parse the last line of the script's output, because unconfigured structlog logs above it."""
     return json.loads(stdout.strip().splitlines()[-1])
 
 
@@ -88,7 +88,7 @@ def assert_no_secrets(output: str) -> None:
 
 
 def assert_one_error_line(completed: subprocess.CompletedProcess[str]) -> str:
-    """Return the single ``error:`` line on stderr; fail on a traceback."""
+    """Return the single ``error:`` line on stderr, and fail on a traceback."""
     assert "Traceback" not in completed.stderr
     errors = [line for line in completed.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, completed.stderr

@@ -562,7 +562,14 @@ class TestServe:
     def served(
         self, cli_env: dict[str, str], free_port: int
     ) -> Iterator[tuple[str, ssl.SSLContext]]:
-        env = {**cli_env, "HSM_API_KEY": API_KEY, "PLINGS_HSM_PORT": str(free_port)}
+        env = {
+            **cli_env,
+            "HSM_API_KEY": API_KEY,
+            "PLINGS_HSM_PORT": str(free_port),
+            # Room for the 80 requests below and the health polls within one minute.
+            "PLINGS_REQUESTS_PER_MINUTE": "10000",
+            "PLINGS_ADDRESS_REQUESTS_PER_MINUTE": "10000",
+        }
         process = subprocess.Popen(
             [str(CLI), "serve"],
             env=env,

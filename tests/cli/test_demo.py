@@ -202,8 +202,8 @@ class TestSecondRun:
     def test_other_master_rejected(
         self, demo_runs: list[subprocess.CompletedProcess[str]], demo_home: Path, free_port: int
     ) -> None:
-        # The token of this home holds the dev master; a different env master must not
-        # replace it.
+        # The token of this home contains the dev master, so a different env master must
+        # not replace it.
         completed = run_demo(demo_env(demo_home, free_port, PLINGS_MASTER_KEY=TEST_MASTER_KEY))
         assert completed.returncode == 16, completed.stdout + completed.stderr
         assert "OK:" not in completed.stdout

@@ -41,7 +41,7 @@ class EnvBackend(SeedBackend):
 
     def _load_seed(self, wallet: int) -> bytearray:
         if self._closed:
-            # The seed buffer is zeroed by close(); deriving from it would give wrong keys.
+            # close() zeroed the seed buffer, so deriving from it would give wrong keys.
             raise DerivationError("the env backend is closed; open a new one to derive")
         if wallet not in self._wallets:
             raise WalletNotFoundError(
