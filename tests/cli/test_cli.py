@@ -180,6 +180,25 @@ class TestTokenInit:
         assert second.returncode == 0, second.stderr
         assert "nothing changed" in second.stdout
 
+    def test_label_of_32_bytes(self, pkcs11_token_env: dict[str, str]) -> None:
+        label = "cli-label-of-exactly-32-bytes-xx"
+        assert len(label.encode()) == 32
+        env = {**pkcs11_token_env, "PLINGS_TOKEN_LABEL": label}
+        init = run_cli(["token", "init"], env)
+        status = run_cli(["token", "status"], env)
+        assert init.returncode == 0, init.stderr
+        assert status.returncode == 0, status.stderr
+        assert label in status.stdout
+
+    def test_long_label_rejected(self, pkcs11_token_env: dict[str, str]) -> None:
+        label = "cli-label-longer-than-32-bytes-xyz"
+        first = run_cli(["token", "init", "--label", label], pkcs11_token_env)
+        second = run_cli(["token", "init", "--label", label], pkcs11_token_env)
+        assert first.returncode == 3, first.stdout + first.stderr
+        assert "34 bytes" in first.stderr
+        # A cut-short label would have made a second token under the same 32 bytes.
+        assert second.returncode == 3, second.stdout + second.stderr
+
     def test_short_pin_rejected(self, pkcs11_token_env: dict[str, str]) -> None:
         env = {**pkcs11_token_env, "PLINGS_TOKEN_LABEL": "cli-short", "SOFTHSM_USER_PIN": "123"}
         completed = run_cli(["token", "init"], env)

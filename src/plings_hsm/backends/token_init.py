@@ -12,6 +12,7 @@ import structlog
 
 from plings_hsm.errors import ConfigError, Pkcs11ModuleError, TokenError
 from plings_hsm.secrets import Secret
+from plings_hsm.settings import TOKEN_LABEL_MAX_BYTES
 
 __all__ = ["PIN_MAX_BYTES", "PIN_MIN_BYTES", "check_pin", "init_token"]
 
@@ -54,9 +55,18 @@ def init_token(
         True when a token was initialised, False when it existed already.
 
     Raises:
+        ConfigError: when the label is empty or longer than 32 bytes.
         Pkcs11ModuleError: when the module cannot be loaded.
         TokenError: when the token rejects the initialisation.
     """
+    label_bytes = len(label.encode("utf-8"))
+    if not 1 <= label_bytes <= TOKEN_LABEL_MAX_BYTES:
+        # C_InitToken takes a fixed 32-byte field, and a longer label would be cut short
+        # silently, so the token could not be found by the label given here.
+        raise ConfigError(
+            f"token label {label!r} is {label_bytes} bytes; "
+            f"a PKCS#11 token label holds 1 to {TOKEN_LABEL_MAX_BYTES}"
+        )
     request = {
         "module": str(module),
         "label": label,
