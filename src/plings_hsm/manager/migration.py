@@ -174,8 +174,8 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        """Whether every step passed its gate."""
-        return self.failed is None and "rolled back" not in self.message
+        """Whether every step up to 100 % passed its gate."""
+        return self.failed is None and PERCENTAGE_MAX in self.passed_steps
 
 
 class Runbook:
