@@ -466,3 +466,52 @@ class TestThreads:
 
         assert errors == []
         assert not any(thread.is_alive() for thread in threads)
+
+
+@pytest.fixture(scope="module")
+def unsupported_backend() -> Iterator[Pkcs11Backend]:
+    """A backend whose token has wallet 1 and a non-extractable object labelled as wallet 9."""
+    info = make_token("bk-hmac")
+    opened = Pkcs11Backend(info.module, info.label, Secret(TEST_USER_PIN))
+    opened.import_master(1, TEST_SEED)
+
+    def create_unextractable(session: Any) -> None:
+        session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.LABEL: "plings_master_v9",
+                Attribute.VALUE: bytes(range(64)),
+            }
+        )
+
+    if not master_objects(opened, "plings_master_v9"):
+        opened.token.call(create_unextractable)
+    yield opened
+    opened.close()
+
+
+class TestUnsupportedMaster:
+    """A master this version cannot derive from is left out instead of failing the health check."""
+
+    def test_health_ok(self, unsupported_backend: Pkcs11Backend) -> None:
+        health = unsupported_backend.health()
+        assert health.ok is True
+        assert [info.version for info in health.wallets] == [1]
+
+    def test_other_wallet_listed(self, unsupported_backend: Pkcs11Backend) -> None:
+        (info,) = unsupported_backend.wallets()
+        assert info.fingerprint == reference_fingerprint(TEST_SEED, 1)
+
+    def test_derive_not_implemented(self, unsupported_backend: Pkcs11Backend) -> None:
+        with pytest.raises(NotImplementedError) as caught:
+            unsupported_backend.derive_keys(BatchPrefix(9, 1, 1, 1, 1), 1, 1)
+        assert "hsm-hmac-sha512" in str(caught.value)
+
+    def test_other_wallet_derives(self, unsupported_backend: Pkcs11Backend) -> None:
+        keys = unsupported_backend.derive_keys(PREFIX, 1, 2)
+        assert [key.public_key for key in keys] == reference_batch(TEST_SEED, PREFIX, 1, 2)

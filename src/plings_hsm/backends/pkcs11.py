@@ -181,7 +181,18 @@ class Pkcs11Backend(SeedBackend):
         infos = []
         for wallet in self.wallet_versions():
             if wallet not in self._fingerprints:
-                self._fingerprints[wallet] = self._fingerprint_of(wallet)
+                try:
+                    self._fingerprints[wallet] = self._fingerprint_of(wallet)
+                except NotImplementedError:
+                    # A master this version cannot derive from (not extractable) must not
+                    # hide the other wallets or make the health check raise.
+                    log.warning(
+                        "wallet_skipped",
+                        token_label=self.token.token_label,
+                        wallet=wallet,
+                        reason="scheme_not_supported",
+                    )
+                    continue
             infos.append(
                 WalletInfo(
                     wallet,
