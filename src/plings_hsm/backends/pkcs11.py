@@ -11,7 +11,12 @@ not protect it from a holder of the user PIN.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +51,9 @@ _LABEL_RE = re.compile(r"^plings_master_v(0|[1-9][0-9]*)$")
 
 WRAP_KEY_BITS = 256
 """Size of the session-only AES key that wraps the seed for one request."""
+
+IMPORT_LOCK_NAME = "plings-hsm-import.lock"
+"""File in the temporary folder that serialises master imports on one host."""
 
 REQUIRED_MECHANISMS = (
     Mechanism.AES_KEY_GEN,
@@ -93,7 +101,13 @@ def _find_one_master(session: Any, wallet: int) -> Any:
 
 
 def _unwrap_seed(session: Any, master: Any) -> bytearray:
-    """Copy the master's value into memory through a session-only AES key wrap."""
+    """Copy the master's value into memory through a session-only AES key wrap.
+
+    SoftHSM 2.6 zero-pads a key to a multiple of 8 bytes before ``CKM_AES_KEY_WRAP_PAD``,
+    so a 17-byte seed unwraps to 24 bytes. The object's ``CKA_VALUE_LEN`` (readable on
+    a sensitive key) gives the true length, and the padding must be zeros.
+    """
+    value_len = int(master[Attribute.VALUE_LEN])
     wrap_key = session.generate_key(
         KeyType.AES,
         WRAP_KEY_BITS,
@@ -115,9 +129,35 @@ def _unwrap_seed(session: Any, master: Any) -> bytearray:
     finally:
         wrap_key.destroy()
     try:
-        return bytearray(aes_key_unwrap_with_padding(key_bytes, wrapped))
+        seed = bytearray(aes_key_unwrap_with_padding(key_bytes, wrapped))
     except InvalidUnwrap as exc:
         raise TokenUnavailableError("token returned a wrapped seed that does not unwrap") from exc
+
+    padding = seed[value_len:]
+    padding_ok = len(seed) >= value_len and not any(padding)
+    del seed[value_len:]
+    if not padding_ok:
+        seed[:] = bytes(len(seed))
+        raise TokenUnavailableError(
+            f"token returned {len(seed) + len(padding)} bytes for a {value_len}-byte master"
+        )
+    return seed
+
+
+@contextmanager
+def _import_lock() -> Iterator[None]:
+    """Serialise imports on this host, so two imports cannot both pass the label check.
+
+    Imports from other hosts are caught by the duplicate check after creation.
+    """
+    path = Path(tempfile.gettempdir()) / IMPORT_LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _scheme_of(master: Any) -> WalletScheme:
@@ -226,6 +266,10 @@ class Pkcs11Backend(SeedBackend):
             DuplicateObjectError: when the label is on more than one object.
         """
         check_seed(seed, field="master seed")
+        with _import_lock():
+            return self._import_locked(wallet, seed)
+
+    def _import_locked(self, wallet: int, seed: bytes | bytearray) -> ImportResult:
         label = master_label(wallet)
         expected = derive_wallet_fingerprint(seed, wallet)
         self._fingerprints.pop(wallet, None)
@@ -249,7 +293,7 @@ class Pkcs11Backend(SeedBackend):
             return ImportResult(False, label, present)
 
         def create(session: Any) -> None:
-            session.create_object(
+            created = session.create_object(
                 {
                     Attribute.CLASS: ObjectClass.SECRET_KEY,
                     Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
@@ -265,6 +309,14 @@ class Pkcs11Backend(SeedBackend):
                     Attribute.VALUE: bytes(seed),
                 }
             )
+            # Another process may have created the label between the check and now:
+            # keep no duplicate behind, and let the caller retry.
+            if len(_find_masters(session, label)) > 1:
+                created.destroy()
+                raise DuplicateObjectError(
+                    f"another import created {label!r} at the same time; "
+                    "this import was undone, run it again"
+                )
 
         self.token.call(create)
         read_back = self._fingerprint_of(wallet)
