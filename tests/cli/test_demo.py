@@ -233,3 +233,18 @@ class TestEnvMaster:
             completed.stdout + completed.stderr,
             [TEST_MASTER_KEY, TEST_SEED.hex(), *dev_secrets(home)],
         )
+
+
+class TestBusyPort:
+    """A demo whose port is taken exits 3 and names PLINGS_HSM_PORT."""
+
+    def test_exit_3(self, tmp_path: Path) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = int(taken.getsockname()[1])
+            completed = run_demo(demo_env(tmp_path / "home", port))
+        assert completed.returncode == 3, completed.stdout + completed.stderr
+        assert "PLINGS_HSM_PORT" in completed.stderr
+        assert "internal error" not in completed.stderr
+        assert "OK:" not in completed.stdout

@@ -210,7 +210,12 @@ def _serve_and_compare(ctx: CliContext, backend: Pkcs11Backend, env_backend: Env
             server_app, ctx.settings.host, ctx.settings.port, tls.server_cert, tls.server_key
         )
     )
-    server.start()
+    try:
+        server.start()
+    except RuntimeError as exc:
+        # ServiceServer.start raises RuntimeError when the port is taken or the start
+        # timed out; both are fixed by the listen address, not by a bug report.
+        raise ConfigError(f"{exc}; set PLINGS_HSM_PORT to a free port") from exc
     try:
         verify = ssl.create_default_context(cafile=str(tls.ca_cert))
         with httpx.Client(base_url=server.url, verify=verify, timeout=HTTP_TIMEOUT_S) as client:
