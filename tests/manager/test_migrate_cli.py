@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -11,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+import httpx
 import pytest
 from migration_support import (
     HSM_API_KEY,
@@ -20,13 +22,16 @@ from migration_support import (
     RunningService,
     module_path,
     pick_port,
+    wait_until,
 )
 
 from plings_hsm.backends.pkcs11 import Pkcs11Backend
+from plings_hsm.service.tls import TlsFiles
 from plings_hsm.store.audit import list_audit
 from plings_hsm.store.db import Store
 from plings_hsm.store.migration import load_state
 
+DERIVE_BODY = {"manufacturer": 1, "category": 1, "classId": 1, "batch": 7, "quantity": 2}
 CLI = [sys.executable, "-c", "from plings_hsm.cli.main import main; main()"]
 
 
@@ -208,3 +213,59 @@ class TestPreflight:
         result = run_cli(env, "migrate", "preflight")
         assert result.returncode == 9
         assert "FAIL" in result.stdout
+
+
+class TestIdentifierServe:
+    """identifier serve runs the identifier API over TLS in its own process."""
+
+    def test_serves_and_follows_rollback(
+        self, cli_env: dict[str, str], hsm_service: RunningService, tls_files: TlsFiles
+    ) -> None:
+        port = pick_port()
+        env = {
+            **cli_env,
+            "HSM_ENDPOINT": hsm_service.url,
+            "HSM_API_KEY": HSM_API_KEY.reveal_text(),
+            "HSM_CA_FILE": str(tls_files.ca_cert),
+            "PLINGS_TLS_CERT": str(tls_files.server_cert),
+            "PLINGS_TLS_KEY": str(tls_files.server_key),
+            "PLINGS_TLS_CA": str(tls_files.ca_cert),
+            "PLINGS_IDENTIFIER_PORT": str(port),
+            "PLINGS_IDENTIFIER_API_KEYS": "cli-client-key-0123456789",
+            "PLINGS_ADMIN_API_KEY": "cli-admin-key-0123456789",
+            "PLINGS_STATE_POLL_S": "0.2",
+            "PLINGS_LOG_LEVEL": "WARNING",
+        }
+        run_cli(env, "migrate", "start")
+        run_cli(env, "migrate", "advance", "--to", "100")
+        process = subprocess.Popen(
+            [*CLI, "identifier", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        client = httpx.Client(
+            base_url=f"https://127.0.0.1:{port}",
+            verify=ssl.create_default_context(cafile=str(tls_files.ca_cert)),
+            timeout=5.0,
+        )
+
+        def source() -> str:
+            try:
+                response = client.post(
+                    "/api/derive-keys",
+                    json={**DERIVE_BODY, "userId": "someone"},
+                    headers={"Authorization": "Bearer cli-client-key-0123456789"},
+                )
+            except httpx.HTTPError:
+                return ""
+            return response.headers.get("X-Key-Source", "")
+
+        try:
+            assert wait_until(lambda: source() == "hsm", 30, step_s=0.2)
+            assert run_cli(env, "rollback", "--reason", "drill").returncode == 0
+            assert wait_until(lambda: source() == "env", 5)
+        finally:
+            client.close()
+            process.terminate()
+            process.wait(timeout=30)
