@@ -293,3 +293,25 @@ class TestCheckInstanceRangeStart:
         with pytest.raises(InvalidRequestError) as caught:
             check_instance_range(start, 1, 10)
         assert caught.value.field == "startInstance"
+
+
+class TestParsePathMessages:
+    """parse_path messages point at the real fault and never echo long input."""
+
+    def test_leading_zero_named(self) -> None:
+        with pytest.raises(InvalidPathError) as caught:
+            parse_path("m/44'/501'/1'/01'/1'/1'/99999'/1'")
+        assert "leading zero" in str(caught.value)
+
+    def test_long_index_not_echoed(self) -> None:
+        digits = "9" * 4000
+        with pytest.raises(InvalidPathError) as caught:
+            parse_path(f"m/44'/501'/1'/{digits}'/1'/1'/99999'/1'")
+        assert digits[:100] not in str(caught.value)
+        assert "4000 digits" in str(caught.value)
+
+    def test_wrong_coin_reported_before_hardening(self) -> None:
+        with pytest.raises(InvalidPathError) as caught:
+            parse_path("m/44/60/1/1/1/1/99999/1")
+        assert "must start with m/44'/501'" in str(caught.value)
+        assert "Hardened form" not in str(caught.value)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import enum
+import itertools
 import json
+import re
 import sys
 from collections.abc import Iterator
-from typing import Annotated, TextIO
+from typing import Annotated, TextIO, cast
 
 import typer
 from rich.console import Console
@@ -104,19 +106,46 @@ def _open_backend(choice: BackendChoice) -> KeyBackend:
     return ctx.pkcs11_backend()
 
 
+_INDEX_RE = re.compile(r"0|[1-9][0-9]*")
+_SHOWN_CHARS_MAX = 24
+_BATCH_OPTIONS = ("--manufacturer", "--category", "--class", "--batch")
+
+
+def _parse_index(option: str, text: str | None, low: int = 0) -> int | None:
+    """Parse an option value as a plain decimal index; no sign, underscore or leading zero."""
+    if text is None:
+        return None
+    if _INDEX_RE.fullmatch(text) is None:
+        shown = text if len(text) <= _SHOWN_CHARS_MAX else f"{text[:_SHOWN_CHARS_MAX]}..."
+        raise InvalidRequestError(
+            f"{option} {shown!r} is not a plain decimal number "
+            f"(digits only, no sign, no leading zero); allowed {low} to {INDEX_MAX}"
+        )
+    if len(text) > len(str(INDEX_MAX)) or int(text) > INDEX_MAX or int(text) < low:
+        shown = text if len(text) <= _SHOWN_CHARS_MAX else f"{len(text)}-digit number"
+        raise InvalidRequestError(f"{option} {shown} is out of range; allowed {low} to {INDEX_MAX}")
+    return int(text)
+
+
+IndexOption = Annotated[str | None, typer.Option(metavar="INDEX", show_default=False)]
+
+
 @app.command("derive")
 def derive(
     path: Annotated[
         str | None,
         typer.Option(help="Full path m/44'/501'/w'/m'/c'/class'/batch'/instance'; one key."),
     ] = None,
-    manufacturer: Annotated[int | None, typer.Option(min=0, max=INDEX_MAX)] = None,
-    category: Annotated[int | None, typer.Option(min=0, max=INDEX_MAX)] = None,
-    class_id: Annotated[int | None, typer.Option("--class", min=0, max=INDEX_MAX)] = None,
-    batch: Annotated[int | None, typer.Option(min=0, max=INDEX_MAX)] = None,
-    wallet: Annotated[int | None, typer.Option(min=0, max=INDEX_MAX)] = None,
-    start: Annotated[int, typer.Option(min=0, max=INDEX_MAX, help="First instance.")] = 1,
-    quantity: Annotated[int, typer.Option(min=1, max=INDEX_MAX, help="Number of keys.")] = 1,
+    manufacturer: IndexOption = None,
+    category: IndexOption = None,
+    class_id: Annotated[str | None, typer.Option("--class", metavar="INDEX")] = None,
+    batch: IndexOption = None,
+    wallet: Annotated[
+        str | None,
+        typer.Option(metavar="INDEX", help="Wallet version; default PLINGS_DEFAULT_WALLET."),
+    ] = None,
+    start: Annotated[str | None, typer.Option(metavar="INDEX", help="First instance [1].")] = None,
+    quantity: Annotated[str | None, typer.Option(metavar="N", help="Number of keys [1].")] = None,
     backend: Annotated[BackendChoice, typer.Option(help="Source of the master.")] = (
         BackendChoice.PKCS11
     ),
@@ -125,35 +154,45 @@ def derive(
     """Derive keys by full path or by batch levels, and print them."""
     ctx = context()
     levels = {
-        "--manufacturer": manufacturer,
-        "--category": category,
-        "--class": class_id,
-        "--batch": batch,
+        "--manufacturer": _parse_index("--manufacturer", manufacturer),
+        "--category": _parse_index("--category", category),
+        "--class": _parse_index("--class", class_id),
+        "--batch": _parse_index("--batch", batch),
+        "--wallet": _parse_index("--wallet", wallet),
+        "--start": _parse_index("--start", start),
+        "--quantity": _parse_index("--quantity", quantity, low=1),
     }
     if path is not None:
         given = [name for name, value in levels.items() if value is not None]
-        if given or wallet is not None:
-            raise InvalidRequestError(f"--path excludes {', '.join(given) or '--wallet'}")
+        if given:
+            raise InvalidRequestError(f"--path names one key; it excludes {', '.join(given)}")
         full = parse_path(path)
-        prefix, start, quantity = full.prefix, full.instance, 1
+        prefix, first, count = full.prefix, full.instance, 1
     else:
-        if manufacturer is None or category is None or class_id is None or batch is None:
-            missing = [name for name, value in levels.items() if value is None]
+        batch_levels = [levels[name] for name in _BATCH_OPTIONS]
+        missing = [
+            name for name, value in zip(_BATCH_OPTIONS, batch_levels, strict=True) if value is None
+        ]
+        if missing:
             raise InvalidRequestError(f"missing {', '.join(missing)} (or give --path)")
+        chosen_wallet = levels["--wallet"]
         prefix = BatchPrefix(
-            ctx.settings.default_wallet if wallet is None else wallet,
-            manufacturer,
-            category,
-            class_id,
-            batch,
+            ctx.settings.default_wallet if chosen_wallet is None else chosen_wallet,
+            *cast(list[int], batch_levels),
         )
-    check_instance_range(start, quantity, CLI_QUANTITY_MAX)
+        first = 1 if levels["--start"] is None else levels["--start"]
+        count = 1 if levels["--quantity"] is None else levels["--quantity"]
+    check_instance_range(first, count, CLI_QUANTITY_MAX)
 
     key_backend = _open_backend(backend)
     try:
-        keys = key_backend.iter_keys(prefix, start, quantity)
-        if quantity >= PROGRESS_MIN_KEYS:
-            keys = _with_progress(keys, quantity)
-        write_keys(keys, quantity, output_format, sys.stdout)
+        keys = key_backend.iter_keys(prefix, first, count)
+        # Derive the first key before printing anything, so a missing wallet, token or
+        # login fails with no partial output.
+        head = next(keys)
+        keys = itertools.chain((head,), keys)
+        if count >= PROGRESS_MIN_KEYS:
+            keys = _with_progress(keys, count)
+        write_keys(keys, count, output_format, sys.stdout)
     finally:
         key_backend.close()

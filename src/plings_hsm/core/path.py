@@ -139,6 +139,21 @@ class IdentifierPath:
         )
 
 
+_SHOWN_CHARS_MAX = 24
+"""Longest piece of user input repeated in a message."""
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= _SHOWN_CHARS_MAX else f"{text[:_SHOWN_CHARS_MAX]}..."
+
+
+def _level_fault(level: str) -> str:
+    body = level.rstrip("'hH")
+    if len(body) > 1 and body.isascii() and body.isdigit() and body.startswith("0"):
+        return "has a leading zero; write the index without it"
+    return "is not a decimal index followed by ', h or H"
+
+
 def parse_path(text: str) -> IdentifierPath:
     """Parse a full eight-level path such as ``m/44'/501'/1'/1'/1'/1'/99999'/1'``.
 
@@ -151,11 +166,11 @@ def parse_path(text: str) -> IdentifierPath:
     """
     parts = text.strip().split("/")
     if not parts or parts[0] != "m":
-        raise InvalidPathError(f"path {text!r} must start with 'm/'")
+        raise InvalidPathError(f"path {_shorten(text)!r} must start with 'm/'")
     levels = parts[1:]
     if len(levels) != len(_LEVEL_NAMES):
         raise InvalidPathError(
-            f"path {text!r} has {len(levels)} levels; need {len(_LEVEL_NAMES)}: "
+            f"path {_shorten(text)!r} has {len(levels)} levels; need {len(_LEVEL_NAMES)}: "
             "m/44'/501'/{walletVersion}'/{manufacturer}'/{category}'/{classId}'/{batch}'/{instance}'"
         )
 
@@ -164,24 +179,29 @@ def parse_path(text: str) -> IdentifierPath:
     for name, level in zip(_LEVEL_NAMES, levels, strict=True):
         match = _LEVEL_RE.fullmatch(level)
         if match is None:
-            raise InvalidPathError(f"path level {name} {level!r} is not a decimal index")
-        index = check_index(name, int(match.group(1)))
+            raise InvalidPathError(f"path level {name} {_shorten(level)!r} {_level_fault(level)}")
+        digits = match.group(1)
+        if len(digits) > len(str(INDEX_MAX)):
+            raise InvalidPathError(
+                f"path level {name} has {len(digits)} digits; allowed 0 to {INDEX_MAX}"
+            )
+        index = check_index(name, int(digits))
         if not match.group(2):
             unhardened.append(name)
         indexes.append(index)
 
-    hardened_form = "m/" + "/".join(f"{index}'" for index in indexes)
+    if indexes[0] != PURPOSE or indexes[1] != COIN_TYPE:
+        raise InvalidPathError(
+            f"path must start with m/{PURPOSE}'/{COIN_TYPE}'; got m/{indexes[0]}'/{indexes[1]}'"
+        )
     if unhardened:
+        hardened_form = "m/" + "/".join(f"{index}'" for index in indexes)
         levels_text = ", ".join(unhardened)
         verb = "is" if len(unhardened) == 1 else "are"
         noun = "level" if len(unhardened) == 1 else "levels"
         raise InvalidPathError(
             f"path {noun} {levels_text} {verb} not hardened; SLIP-0010 ed25519 defines "
             f"hardened children only. Hardened form: {hardened_form}"
-        )
-    if indexes[0] != PURPOSE or indexes[1] != COIN_TYPE:
-        raise InvalidPathError(
-            f"path must start with m/{PURPOSE}'/{COIN_TYPE}'; got m/{indexes[0]}'/{indexes[1]}'"
         )
 
     return IdentifierPath(*indexes[2:])
