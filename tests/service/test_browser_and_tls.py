@@ -103,6 +103,7 @@ class TestSecurityHeaders:
         ("method", "path", "with_key"),
         [
             ("GET", "/health", False),
+            ("GET", "/openapi.json", True),
             ("GET", "/openapi.json", False),
             ("POST", "/api/derive-keys", True),
             ("POST", "/api/derive-keys", False),

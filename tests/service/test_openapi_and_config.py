@@ -9,7 +9,7 @@ import ipaddress
 from typing import Any
 
 import pytest
-from svc_support import StartService, start_service, svc_backend, svc_tls  # noqa: F401
+from svc_support import StartService, auth, start_service, svc_backend, svc_tls  # noqa: F401
 
 from plings_hsm.errors import ConfigError
 from plings_hsm.service.client_address import ProxyHeader
@@ -21,7 +21,7 @@ API_STATUSES = {"200", "401", "403", "404", "413", "422", "429", "500", "503"}
 @pytest.fixture
 def openapi(start_service: StartService) -> dict[str, Any]:
     svc = start_service()
-    document: dict[str, Any] = svc.client.get("/openapi.json").json()
+    document: dict[str, Any] = svc.client.get("/openapi.json", headers=auth()).json()
     return document
 
 
@@ -33,6 +33,10 @@ def _from_env(env: dict[str, str]) -> ServiceConfig:
 
 class TestOpenApi:
     """Every route is described with every error status it can return."""
+
+    def test_needs_key(self, start_service: StartService) -> None:
+        svc = start_service()
+        assert svc.client.get("/openapi.json").status_code == 401
 
     def test_routes(self, openapi: dict[str, Any]) -> None:
         assert set(openapi["paths"]) == {"/health", "/api/derive-keys", "/api/sign"}

@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 REQUESTS_PER_MINUTE_DEFAULT = 100
-"""Requests a minute per API key, and per address before authentication."""
+"""Requests a minute per API key, and per address on the paths that need no key."""
 
 KEYS_PER_MINUTE_DEFAULT = 200_000
 """Keys derived (or signed with) a minute per API key."""
@@ -72,7 +72,7 @@ class ServiceConfig:
         budget_requests_per_minute: requests a minute of a key without its own budget.
         budget_keys_per_minute: keys derived or signed with a minute, same keys.
         budget_address_requests_per_minute: requests a minute of one client address
-            before authentication (health, OpenAPI, failed authentication).
+            on the paths that need no key (``/health``).
         budget_auth_failures_per_minute: failed authentications a minute from one
             address; past it, every authenticated route answers 429 to that address.
         allowed_origins: browser origins CORS lets in; ``*`` only without credentials.

@@ -2,6 +2,8 @@
 
 Raw ASGI rather than Starlette's ``BaseHTTPMiddleware``, so that the access log is
 written when a streamed body has ended and the limits act before the body is parsed.
+Starlette's own ``RequestBodyLimitMiddleware`` answers 413 in plain text without the
+limit, and the depth check needs the whole body anyway, so the body limit is here too.
 Order, outside in: context, CORS, gate, body limits, then the FastAPI router.
 """
 
@@ -44,8 +46,9 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
-"""Paths served without an API key; every other path needs one, unknown paths too."""
+PUBLIC_PATHS = frozenset({"/health"})
+"""Paths served without an API key; every other path needs one, the OpenAPI document and
+unknown paths too."""
 
 SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
     ("Strict-Transport-Security", "max-age=63072000; includeSubDomains"),
