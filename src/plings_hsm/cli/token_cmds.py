@@ -66,13 +66,14 @@ def token_status(
     _out.print(table)
 
 
-def _read_master_text() -> Secret:
+def _read_master_text() -> tuple[Secret, str]:
+    """Return the master text and the name of its source, for error messages."""
     ctx = context()
     if ctx.settings.master_key is not None:
-        return ctx.settings.master_key
+        return ctx.settings.master_key, "PLINGS_MASTER_KEY"
     if sys.stdin.isatty():
-        return Secret(getpass.getpass("PLINGS_MASTER_KEY (base58, not echoed): "))
-    return Secret(sys.stdin.buffer.read())
+        return Secret(getpass.getpass("master key (base58, not echoed): ")), "master key input"
+    return Secret(sys.stdin.buffer.read()), "master key on standard input"
 
 
 @keys_app.command("import")
@@ -82,7 +83,8 @@ def keys_import(wallet: WalletOption = 1) -> None:
     Reads PLINGS_MASTER_KEY from the environment, else from standard input.
     """
     ctx = context()
-    seed = decode_master_key(_read_master_text().reveal())
+    text, source = _read_master_text()
+    seed = decode_master_key(text.reveal(), variable=source)
     backend = ctx.pkcs11_backend()
     try:
         result = backend.import_master(wallet, seed)
@@ -122,18 +124,26 @@ class DoctorCheck:
     fix: str = ""
 
 
-def _mode_check(name: str, path: Path, allowed_mask: int) -> DoctorCheck:
-    if not path.exists():
-        return DoctorCheck(name, False, f"{path} does not exist", "run 'plings-hsm token init'")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & allowed_mask:
+def _mode_check(name: str, root: Path) -> DoctorCheck:
+    """Check that ``root`` and everything below it is closed to group and others."""
+    if not root.exists():
+        return DoctorCheck(name, False, f"{root} does not exist", "run 'plings-hsm token init'")
+    open_paths = []
+    for path in (root, *root.rglob("*")):
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if mode & 0o077:
+            open_paths.append(f"{path} ({mode:o})")
+    if open_paths:
+        shown = ", ".join(open_paths[:3]) + (
+            f" and {len(open_paths) - 3} more" if len(open_paths) > 3 else ""
+        )
         return DoctorCheck(
             name,
             False,
-            f"{path} has mode {mode:o}",
-            f"chmod {'700' if path.is_dir() else '600'} {path}",
+            f"readable by group or others: {shown}",
+            f"chmod -R go-rwx {root}",
         )
-    return DoctorCheck(name, True, f"{path} mode {mode:o}")
+    return DoctorCheck(name, True, f"{root} and its contents are closed to group and others")
 
 
 def _token_dir_of(conf: Path) -> Path | None:
@@ -178,7 +188,7 @@ def run_doctor() -> list[DoctorCheck]:
             DoctorCheck("token folder", False, f"{conf} sets no directories.tokendir", "add it")
         )
     else:
-        checks.append(_mode_check("token folder mode", token_dir, 0o077))
+        checks.append(_mode_check("token folder modes", token_dir))
 
     label = ctx.settings.token_label
     try:
@@ -219,7 +229,7 @@ def run_doctor() -> list[DoctorCheck]:
         for version in versions:
             try:
                 attributes = backend.object_attributes(version)
-                fingerprint = backend.wallet_fingerprint(version)
+                fingerprint = backend.fingerprint_of(version)
             except PlingsHsmError as exc:
                 checks.append(
                     DoctorCheck(f"wallet {version}", False, str(exc), "keep one object per label")
