@@ -52,6 +52,21 @@ def write_private_file(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+def _make_private_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(folder, DIR_MODE)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise ConfigError(
+            f"cannot create folder {folder}: a file is in the way; set PLINGS_HSM_HOME to a folder"
+        ) from exc
+    except PermissionError as exc:
+        raise ConfigError(
+            f"cannot create folder {folder}: permission denied; "
+            "set PLINGS_HSM_HOME to a writable folder"
+        ) from exc
+
+
 class Home:
     """Paths under the state folder, and the steps that create them."""
 
@@ -79,10 +94,13 @@ class Home:
         return self.root / "dev"
 
     def ensure(self) -> None:
-        """Create the folders with mode 0700 and the SoftHSM2 config; keep what exists."""
-        for folder in (self.root, self.token_dir, self.tls_dir, self.dev_dir):
-            folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            os.chmod(folder, DIR_MODE)
+        """Create the folders with mode 0700 and the SoftHSM2 config; keep what exists.
+
+        Raises:
+            ConfigError: when a folder cannot be created, e.g. the home is a file.
+        """
+        for folder in (self.root, self.token_dir, self.tls_dir):
+            _make_private_folder(folder)
         if not self.softhsm_conf.exists():
             conf = (
                 f"directories.tokendir = {self.token_dir}\n"
@@ -96,6 +114,7 @@ class Home:
         """Return the development secret ``dev/{name}``, generating it on first use."""
         path = self.dev_dir / name
         if not path.exists():
+            _make_private_folder(self.dev_dir)
             write_private_file(path, generate())
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:

@@ -7,7 +7,10 @@ import sys
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["LOG_LEVELS", "configure_logging"]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""Level names PLINGS_LOG_LEVEL accepts."""
 
 
 def configure_logging(level: str = "INFO", *, json: bool = True) -> None:

@@ -16,8 +16,8 @@ from plings_hsm.cli import (  # noqa: F401 - registers commands
 )
 from plings_hsm.cli.app import app
 from plings_hsm.cli.exit_codes import EXIT_INTERNAL, exit_code_of
-from plings_hsm.errors import PlingsHsmError
-from plings_hsm.logs import configure_logging
+from plings_hsm.errors import ConfigError, PlingsHsmError
+from plings_hsm.logs import LOG_LEVELS, configure_logging
 
 __all__ = ["main"]
 
@@ -30,9 +30,22 @@ def main() -> None:
     Typer handles usage errors itself (exit 2); product errors map through
     :func:`~plings_hsm.cli.exit_codes.exit_code_of`.
     """
-    configure_logging(os.environ.get("PLINGS_LOG_LEVEL", "WARNING"))
+    level = os.environ.get("PLINGS_LOG_LEVEL", "").strip().upper() or "WARNING"
+    if level not in LOG_LEVELS:
+        print(
+            f"error: PLINGS_LOG_LEVEL {level!r} is not a log level; use one of "
+            f"{', '.join(LOG_LEVELS)}",
+            file=sys.stderr,
+        )
+        sys.exit(exit_code_of(ConfigError("")))
+    configure_logging(level)
     try:
         app(prog_name="plings-hsm")
+    except BrokenPipeError:
+        # The reader went away (derive | head); stop quietly like other Unix filters.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
     except PlingsHsmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exit_code_of(exc))
