@@ -120,9 +120,9 @@ def serve(
 
 
 def faulty_hsm_app(inner: FastAPI, fail_first: int) -> FastAPI:
-    """Wrap a real HSM service app so its first ``fail_first`` derive calls answer 503.
+    """Wrap a real HSM service app so its first ``fail_first`` derive calls return 503.
 
-    This is a fake HSM in part: it injects 5xx answers that a healthy real service never
+    This is a fake HSM in part: it injects 5xx responses that a healthy real service never
     gives, to test retries.
     """
     state = {"failed": 0}

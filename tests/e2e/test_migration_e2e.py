@@ -203,7 +203,7 @@ def make_world(hsm: RunningService, tls: TlsFiles, tmp_path: Path, instances: in
 
 @pytest.fixture
 def other_hsm(other_backend: Pkcs11Backend, tls_files: TlsFiles) -> Iterator[RunningService]:
-    """The real HSM service over a token that holds a different master."""
+    """The real HSM service over a token that contains a different master."""
     running = serve(
         create_app(other_backend, hsm_service_config(HSM_API_KEY)), tls_files, name="other-hsm"
     )

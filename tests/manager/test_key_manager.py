@@ -83,7 +83,7 @@ def make_manager(
 
 @pytest.fixture
 def other_service(other_backend: Pkcs11Backend, tls_files: TlsFiles) -> Iterator[RunningService]:
-    """The real HSM service over a token that holds a different master."""
+    """The real HSM service over a token that contains a different master."""
     running = serve(
         create_app(other_backend, hsm_service_config(HSM_API_KEY)), tls_files, name="other"
     )

@@ -137,7 +137,7 @@ class TestFinalize:
 
 
 class TestRollback:
-    """rollback works from any step and tells the webhooks."""
+    """rollback works from any step and posts to the webhooks."""
 
     def test_from_hsm(self, tmp_path: Path) -> None:
         runbook = make_runbook(tmp_path)

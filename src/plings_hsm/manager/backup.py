@@ -67,7 +67,7 @@ def _sha256_of(path: Path) -> str:
 def make_token_backup(token_dir: Path, backups_dir: Path, token_label: str) -> TokenBackup:
     """Archive ``token_dir`` into ``backups_dir`` with mode 0600 and write a SHA-256 manifest.
 
-    The archive holds SoftHSM2's object files as they are on disk, which SoftHSM2 encrypts
+    The archive contains SoftHSM2's object files as they are on disk, which SoftHSM2 encrypts
     under keys derived from the PINs; no master is written in plain text.
     """
     if not token_dir.is_dir():

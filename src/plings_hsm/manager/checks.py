@@ -88,7 +88,7 @@ def run_preflight(
 ) -> list[Check]:
     """Check everything the migration needs before ``migrate start``.
 
-    The env master must decode, the token must answer and hold the wallet, the env, token
+    The env master must decode, the token must log in and contain the wallet, the env, token
     and HSM service fingerprints must match, the HSM service must be healthy over TLS, a
     token backup must exist (one is made now when none is younger than a day), and the
     store must take a write. Each check runs even when an earlier one failed.
@@ -113,7 +113,9 @@ def run_preflight(
             fingerprints["token"] = backend.wallet_fingerprint(wallet)
         finally:
             backend.close()
-        return f"token {token_label!r} holds wallet {wallet}, fingerprint {fingerprints['token']}"
+        return (
+            f"token {token_label!r} contains wallet {wallet}, fingerprint {fingerprints['token']}"
+        )
 
     def hsm_service() -> str:
         if settings.hsm_endpoint is None or settings.hsm_api_key is None:
@@ -149,7 +151,7 @@ def run_preflight(
         return f"made {made.archive} (sha256 {made.sha256[:16]}...)"
 
     checks.append(_run("env master decodes", env_master))
-    checks.append(_run("token answers and holds the wallet", token))
+    checks.append(_run("token logs in and contains the wallet", token))
     checks.append(_run("HSM service healthy over TLS", hsm_service))
     checks.append(_run("fingerprints match", match))
     checks.append(_run("token backup present", backup))

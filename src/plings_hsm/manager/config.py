@@ -22,7 +22,7 @@ __all__ = [
 
 
 class KeyManagementMode(enum.StrEnum):
-    """Where keys come from: the env master, the HSM, or both compared."""
+    """Source of keys: the env master, the HSM, or both compared."""
 
     ENV = "env"
     HSM = "hsm"
@@ -97,7 +97,7 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 class ManagerSettings:
     """Everything the key manager, the identifier API and the runbook read from the environment.
 
-    Mode and rollout here are starting values only: once the state store holds a
+    Mode and rollout here are starting values only: once the state store contains a
     migration state, the store wins, so a restart never undoes a rollback.
     """
 

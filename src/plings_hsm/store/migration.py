@@ -124,7 +124,7 @@ class GateReadingRecord(Base):
 class MigrationState:
     """The migration state every service follows.
 
-    ``step_number`` grows by one at every step change, so records of a step are told
+    ``step_number`` grows by one at every step change, so records of a step are kept
     apart from records of an earlier visit to the same percentage.
     """
 
