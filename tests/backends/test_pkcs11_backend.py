@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -515,3 +517,64 @@ class TestUnsupportedMaster:
     def test_other_wallet_derives(self, unsupported_backend: Pkcs11Backend) -> None:
         keys = unsupported_backend.derive_keys(PREFIX, 1, 2)
         assert [key.public_key for key in keys] == reference_batch(TEST_SEED, PREFIX, 1, 2)
+
+
+# Replaces the wallet 1 master of a token with another seed, as a restore of a different
+# backup would; runs in a child process so this process's session sees a foreign change.
+REPLACE_MASTER = """
+import sys
+from pkcs11 import Attribute, KeyType, ObjectClass, lib
+
+module, label, pin, seed_hex = sys.argv[1:]
+token = lib(module).get_token(token_label=label)
+with token.open(rw=True, user_pin=pin) as session:
+    for obj in session.get_objects({Attribute.LABEL: "plings_master_v1"}):
+        obj.destroy()
+    session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: True,
+            Attribute.MODIFIABLE: False,
+            Attribute.LABEL: "plings_master_v1",
+            Attribute.VALUE: bytes.fromhex(seed_hex),
+        }
+    )
+"""
+
+
+class TestReplacedMaster:
+    """After another process replaces a master, fingerprints follow the token, not a cache."""
+
+    def test_fingerprint_follows_token(self) -> None:
+        info = make_token("bk-replace")
+        backend = Pkcs11Backend(info.module, info.label, Secret(TEST_USER_PIN))
+        try:
+            backend.import_master(1, TEST_SEED)
+            before = backend.wallet_fingerprint(1)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    REPLACE_MASTER,
+                    str(info.module),
+                    info.label,
+                    TEST_USER_PIN,
+                    OTHER_SEED.hex(),
+                ],
+                check=True,
+                timeout=60,
+                capture_output=True,
+            )
+            keys = backend.derive_keys(PREFIX, 1, 1)
+            after = backend.wallet_fingerprint(1)
+            health = backend.health()
+        finally:
+            backend.close()
+        assert before == reference_fingerprint(TEST_SEED, 1)
+        assert [key.public_key for key in keys] == reference_batch(OTHER_SEED, PREFIX, 1, 1)
+        assert after == reference_fingerprint(OTHER_SEED, 1)
+        assert health.wallets[0].fingerprint == reference_fingerprint(OTHER_SEED, 1)

@@ -245,9 +245,7 @@ class Pkcs11Backend(SeedBackend):
             WalletNotFoundError: when the token has no object for the wallet.
             DuplicateObjectError: when the wallet label is on more than one object.
         """
-        if wallet not in self._fingerprints:
-            self._fingerprints[wallet] = self._fingerprint_of(wallet)
-        return self._fingerprints[wallet]
+        return self._fingerprint_of(wallet)
 
     def health(self) -> BackendHealth:
         try:
