@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 
 from plings_hsm import __version__
+from plings_hsm.backends.base import BackendHealth
 from plings_hsm.core.batch import check_instance_range
 from plings_hsm.core.path import BatchPrefix
 from plings_hsm.errors import (
@@ -47,6 +48,10 @@ KEY_SOURCE_HEADER = "X-Key-Source"
 
 USER_ID_MAX_CHARS = 256
 """Longest ``userId`` accepted."""
+
+HSM_HEALTH_CACHE_S = 2.0
+"""How long /health reuses the HSM service's last health result, so frequent probes of
+this API do not use up the HSM service's per-address budget for /health."""
 
 
 @dataclass(frozen=True)
@@ -210,11 +215,24 @@ def create_identifier_app(
     def require_admin(request: Request) -> None:
         _require(request, config.admin_api_keys, "admin")
 
+    hsm_health_cache: list[tuple[float, BackendHealth]] = []
+
+    async def cached_hsm_health() -> BackendHealth | None:
+        hsm = manager.hsm_backend
+        if hsm is None:
+            return None
+        now = time.monotonic()
+        if hsm_health_cache and now - hsm_health_cache[0][0] < HSM_HEALTH_CACHE_S:
+            return hsm_health_cache[0][1]
+        result = await run_in_threadpool(hsm.health)
+        hsm_health_cache[:] = [(now, result)]
+        return result
+
     @app.get("/health")
     async def health() -> JSONResponse:
         """Report the mode in force and whether its key sources are reachable; no auth."""
         hsm = manager.hsm_backend
-        hsm_health = await run_in_threadpool(hsm.health) if hsm is not None else None
+        hsm_health = await cached_hsm_health()
         state = manager.state
         hsm_ok = hsm_health is not None and hsm_health.ok
         # env and dual serve from the env master; hsm serves from the HSM or falls back.
