@@ -39,11 +39,20 @@ OTHER_SEED = bytes.fromhex("5a" * 32)
 WALLET_SEEDS = {
     1: TEST_SEED,
     16: SEED_16,
+    17: SEED_64[:17],
+    20: SEED_64[:20],
+    33: SEED_64[:33],
+    63: SEED_64[:63],
     64: SEED_64,
     4: SEED_LEADING_ZEROS,
+    5: bytes(20) + SEED_64[:13],
     INDEX_MAX: TEST_SEED,
 }
-"""Seed imported under each wallet version, so each seed length has a label of its own."""
+"""Seed imported under each wallet version, so each seed length has a label of its own.
+
+Lengths that are not a multiple of 8 matter: SoftHSM 2.6 pads a key to a multiple of 8
+bytes before wrapping it.
+"""
 
 PREFIX = BatchPrefix(1, 1, 1, 1, 99999)
 
