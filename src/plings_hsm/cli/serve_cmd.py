@@ -49,8 +49,19 @@ HTTP_TIMEOUT_S = 30.0
 
 def _tls_files(ctx: CliContext) -> TlsFiles:
     settings = ctx.settings
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        missing = "PLINGS_TLS_KEY" if settings.tls_key is None else "PLINGS_TLS_CERT"
+        raise ConfigError(f"{missing} is not set; set PLINGS_TLS_CERT and PLINGS_TLS_KEY together")
     if settings.tls_cert is not None and settings.tls_key is not None:
         ca = settings.tls_ca or settings.tls_cert
+        named = {
+            "PLINGS_TLS_CERT": settings.tls_cert,
+            "PLINGS_TLS_KEY": settings.tls_key,
+            "PLINGS_TLS_CA": ca,
+        }
+        for variable, path in named.items():
+            if not path.is_file():
+                raise ConfigError(f"{variable} {path} does not exist or is not a file")
         return TlsFiles(ca, settings.tls_cert, settings.tls_key)
     ctx.home.ensure()
     return ensure_local_tls(ctx.home.tls_dir)
@@ -95,6 +106,12 @@ def serve(
     ctx = context()
     backend = ctx.pkcs11_backend()
     try:
+        # Fail at start, with the right exit code, when the token, PIN or wallets are
+        # wrong, instead of serving 503 until a restart.
+        if not backend.wallets():
+            raise ConfigError(
+                f"token {ctx.settings.token_label!r} holds no wallet; run 'plings-hsm keys import'"
+            )
         service_config = _service_config(ctx)
         tls = _tls_files(ctx)
         server_app = create_app(backend, service_config)

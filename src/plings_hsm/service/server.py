@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import socket
 import ssl
 import threading
 import time
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 import structlog
 import uvicorn
 
-__all__ = ["STARTUP_TIMEOUT_S", "TLS12_CIPHERS", "ServiceServer", "tls_config"]
+from plings_hsm.errors import ConfigError
+
+__all__ = ["STARTUP_TIMEOUT_S", "TLS12_CIPHERS", "ServiceServer", "check_port_free", "tls_config"]
 
 log = structlog.get_logger(__name__)
 
@@ -49,13 +55,49 @@ def tls_config(app: Any, host: str, port: int, cert: Path, key: Path) -> uvicorn
     return config
 
 
+class _QuietExitServer(uvicorn.Server):
+    """A uvicorn server that treats SIGTERM like SIGINT and exits normally after both.
+
+    uvicorn 0.55 raises the captured signal again after a graceful shutdown, so SIGTERM
+    killed the process with status 143 before the caller could log the stop or close
+    the token session.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {number: signal.signal(number, self.handle_exit) for number in handled}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ConfigError when ``host:port`` cannot be bound, before anything starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                "stop the other process or set PLINGS_HSM_PORT"
+            ) from exc
+
+
 class ServiceServer:
     """A uvicorn server with TLS, started and stopped from the calling thread."""
 
     def __init__(self, config: uvicorn.Config, name: str = "hsm-service") -> None:
         self.config = config
         self.name = name
-        self._server = uvicorn.Server(config)
+        self._server = _QuietExitServer(config)
         self._thread: threading.Thread | None = None
 
     @property
@@ -66,7 +108,12 @@ class ServiceServer:
         return f"https://{shown}:{self.config.port}"
 
     def run(self) -> None:
-        """Serve in the foreground until SIGINT or SIGTERM."""
+        """Serve in the foreground until SIGINT or SIGTERM.
+
+        Raises:
+            ConfigError: when the port cannot be bound.
+        """
+        check_port_free(self.config.host, self.config.port)
         log.info("service_started", service=self.name, url=self.url)
         try:
             self._server.run()
@@ -77,9 +124,10 @@ class ServiceServer:
         """Serve in a background thread and wait until the socket listens.
 
         Raises:
-            RuntimeError: when the server did not start within STARTUP_TIMEOUT_S, for
-                example because the port is taken.
+            ConfigError: when the port cannot be bound.
+            RuntimeError: when the server did not start within STARTUP_TIMEOUT_S.
         """
+        check_port_free(self.config.host, self.config.port)
         self._thread = threading.Thread(target=self._server.run, name=self.name, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
