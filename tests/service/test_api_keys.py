@@ -208,6 +208,19 @@ class TestStoreKeysOverHttps:
             (completed,) = events_named(events, "request_completed")
         assert completed["key_name"] == "identifier-api"
 
+    def test_store_failure_503(
+        self, start_service: StartService, key_store: ApiKeyStore, tmp_path: Path
+    ) -> None:
+        _, key = key_store.create("identifier-api")
+        svc = start_service(key_store=key_store)
+        with sqlite3.connect(tmp_path / "svc.db") as db:
+            db.execute("DROP TABLE api_keys")
+        response = svc.client.post(
+            "/api/derive-keys", headers=auth(key.reveal_text()), json=derive_body()
+        )
+        assert response.status_code == 503
+        assert str(tmp_path) not in response.text
+
     def test_service_needs_some_key(self, svc_backend: object) -> None:
         from plings_hsm.service.app import create_app
         from plings_hsm.service.config import ServiceConfig

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -112,6 +113,22 @@ class TestBodyLimits:
             content="[" * 30_000 + "]" * 30_000,
         )
         assert response.status_code == 422
+
+    def test_slow_body_408(self, start_service: StartService) -> None:
+        svc = start_service(body_timeout_s=0.5)
+
+        def slow() -> Iterator[bytes]:
+            yield b'{"quantity":'
+            time.sleep(1.5)
+            yield b" 1}"
+
+        response = svc.client.post(
+            "/api/derive-keys",
+            headers={**auth(), "Content-Type": "application/json"},
+            content=slow(),
+        )
+        assert response.status_code == 408
+        assert response.json()["error"]["message"] == "body not received within 0.5 s"
 
     def test_brackets_in_strings_ignored(self) -> None:
         assert json_depth(b'{"a": "[[[[{{{{\\"]]]]"}') == 1

@@ -60,6 +60,7 @@ _API_ERRORS: dict[int | str, dict[str, Any]] = {
     401: _error("Missing or invalid API key; the body never says which"),
     403: _error("CORS preflight from an origin not in ALLOWED_ORIGINS"),
     404: _error("Unknown walletVersion"),
+    408: _error("The body did not arrive within 30 s"),
     413: _error("Body over the size limit; `error.field` is `body`"),
     422: _error("A field is invalid or over its limit; `error.field` names it"),
     **_COMMON_ERRORS,
@@ -155,6 +156,7 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
         BodyLimitMiddleware,
         body_max_bytes=config.body_max_bytes,
         json_depth_max=config.json_depth_max,
+        body_timeout_s=config.body_timeout_s,
     )
     app.add_middleware(
         ClientGateMiddleware,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import threading
 from dataclasses import dataclass
 
@@ -13,6 +15,10 @@ __all__ = ["LAST_USED_INTERVAL_S", "ApiClient", "Authenticator", "bearer_token"]
 
 LAST_USED_INTERVAL_S = 60.0
 """A key's last-used time is written at most this often, so a busy key costs no write a request."""
+
+
+def _digest(key: Secret) -> bytes:
+    return hashlib.sha256(key.reveal()).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +50,9 @@ def bearer_token(authorization: str | None) -> bytes | None:
 class Authenticator:
     """Find the client a bearer token belongs to.
 
-    Configured keys (HSM_API_KEY) are compared in constant time, every one of them on
-    every request. Store keys are found by their public key id and compared by digest.
+    Configured keys (HSM_API_KEY) are compared by SHA-256 digest in constant time, every
+    one of them on every request. Store keys are found by their public key id and
+    compared by digest.
 
     Args:
         config: the service configuration with the configured keys, the store and the
@@ -53,8 +60,10 @@ class Authenticator:
     """
 
     def __init__(self, config: ServiceConfig) -> None:
-        self._static: tuple[tuple[Secret, ApiClient], ...] = tuple(
-            (key, self._static_client(config, index)) for index, key in enumerate(config.api_keys)
+        # Digests of equal length make the comparison time independent of the key length.
+        self._static: tuple[tuple[bytes, ApiClient], ...] = tuple(
+            (_digest(key), self._static_client(config, index))
+            for index, key in enumerate(config.api_keys)
         )
         self._store: ApiKeyStore | None = config.key_store
         self._requests_per_minute = config.budget_requests_per_minute
@@ -84,8 +93,9 @@ class Authenticator:
         if token is None:
             return None
         found: ApiClient | None = None
-        for key, client in self._static:
-            if key.equals(token):
+        presented = hashlib.sha256(token).digest()
+        for digest, client in self._static:
+            if hmac.compare_digest(digest, presented):
                 found = client
         if found is not None or self._store is None:
             return found

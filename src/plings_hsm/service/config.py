@@ -17,6 +17,7 @@ from plings_hsm.store.api_keys import BUDGET_MAX_PER_MINUTE, ApiKeyStore
 __all__ = [
     "AUTH_FAILURES_PER_MINUTE_DEFAULT",
     "BODY_MAX_BYTES_DEFAULT",
+    "BODY_TIMEOUT_S_DEFAULT",
     "JSON_DEPTH_MAX_DEFAULT",
     "KEYS_PER_MINUTE_DEFAULT",
     "REQUESTS_PER_MINUTE_DEFAULT",
@@ -38,6 +39,9 @@ BODY_MAX_BYTES_DEFAULT = 64 * 1024
 
 JSON_DEPTH_MAX_DEFAULT = 16
 """Deepest nesting of arrays and objects in a request body; the API needs depth 1."""
+
+BODY_TIMEOUT_S_DEFAULT = 30.0
+"""Seconds a request body may take to arrive; uvicorn has no such limit of its own."""
 
 _ORIGIN_RE = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
 _TRUE = {"1", "true", "yes", "on"}
@@ -81,6 +85,7 @@ class ServiceConfig:
         proxy_header: which forwarding header the trusted proxies write.
         body_max_bytes: largest request body.
         json_depth_max: deepest nesting of arrays and objects in a body.
+        body_timeout_s: seconds a request body may take to arrive, then 408.
         static_key_name: client name of the configured keys in the logs.
         clock: monotonic seconds for the budgets; tests pass their own.
     """
@@ -99,6 +104,7 @@ class ServiceConfig:
     proxy_header: ProxyHeader = ProxyHeader.X_FORWARDED_FOR
     body_max_bytes: int = BODY_MAX_BYTES_DEFAULT
     json_depth_max: int = JSON_DEPTH_MAX_DEFAULT
+    body_timeout_s: float = BODY_TIMEOUT_S_DEFAULT
     static_key_name: str = "HSM_API_KEY"
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
 
@@ -116,6 +122,8 @@ class ServiceConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name} {value} is out of range; it must be at least 1")
+        if not self.body_timeout_s > 0:
+            raise ConfigError(f"body_timeout_s {self.body_timeout_s} must be more than 0")
 
 
 def _int_setting(environ: Mapping[str, str], name: str, default: int, high: int) -> int:

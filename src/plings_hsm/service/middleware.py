@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import Any
 
+import anyio
 import structlog
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
@@ -25,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from plings_hsm.errors import PlingsHsmError
 from plings_hsm.service.auth import Authenticator, bearer_token
 from plings_hsm.service.client_address import budget_key, resolve_client
-from plings_hsm.service.config import ServiceConfig
+from plings_hsm.service.config import BODY_TIMEOUT_S_DEFAULT, ServiceConfig
 from plings_hsm.service.errors import (
     INTERNAL_MESSAGE,
     UNAUTHORIZED_MESSAGE,
@@ -289,7 +290,15 @@ class ClientGateMiddleware:
                 error=type(exc).__name__,
                 detail=str(exc),
             )
-            await _send_error(scope, receive, send, status, str(exc), code=code)
+            # The store's message names its URL; the client learns only that it failed.
+            await _send_error(
+                scope,
+                receive,
+                send,
+                status,
+                "API keys cannot be checked now; retry later",
+                code=code,
+            )
             return
 
         if client is None:
@@ -365,18 +374,27 @@ class BodyLimitMiddleware:
     """Read the request body up to a byte limit, check its JSON nesting depth, replay it.
 
     A ``Content-Length`` over the limit is rejected before any byte is read; a chunked
-    body is counted as it arrives. Both answer 413; a body nested too deep answers 422.
+    body is counted as it arrives. Both answer 413; a body nested too deep answers 422,
+    and a body still incomplete after ``body_timeout_s`` answers 408.
 
     Args:
         app: the next ASGI app.
         body_max_bytes: largest body accepted.
         json_depth_max: deepest nesting of arrays and objects accepted.
+        body_timeout_s: time the whole body may take to arrive.
     """
 
-    def __init__(self, app: ASGIApp, body_max_bytes: int, json_depth_max: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        body_max_bytes: int,
+        json_depth_max: int,
+        body_timeout_s: float = BODY_TIMEOUT_S_DEFAULT,
+    ) -> None:
         self.app = app
         self.body_max_bytes = body_max_bytes
         self.json_depth_max = json_depth_max
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -390,15 +408,35 @@ class BodyLimitMiddleware:
 
         body = bytearray()
         more_body = True
-        while more_body:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.body_max_bytes:
-                await self._too_large(scope, receive, send, f"is over {self.body_max_bytes} bytes")
-                return
-            more_body = bool(message.get("more_body"))
+        with anyio.move_on_after(self.body_timeout_s) as deadline:
+            while more_body:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                if len(body) > self.body_max_bytes:
+                    await self._too_large(
+                        scope, receive, send, f"is over {self.body_max_bytes} bytes"
+                    )
+                    return
+                more_body = bool(message.get("more_body"))
+        if deadline.cancelled_caught:
+            log.warning(
+                "request_body_timed_out",
+                request_id=_state(scope)["request_id"],
+                bytes_received=len(body),
+                timeout_s=self.body_timeout_s,
+            )
+            await _send_error(
+                scope,
+                receive,
+                send,
+                408,
+                f"body not received within {self.body_timeout_s:g} s",
+                code="request_timeout",
+                field="body",
+            )
+            return
 
         depth = json_depth(bytes(body))
         if depth > self.json_depth_max:
