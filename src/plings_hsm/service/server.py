@@ -114,10 +114,18 @@ class ServiceServer:
             ConfigError: when the port cannot be bound.
         """
         check_port_free(self.config.host, self.config.port)
+        # Catch SIGINT and SIGTERM from here on, not only once uvicorn runs, so a signal
+        # during start-up also ends in a clean stop.
+        previous = {
+            number: signal.signal(number, self._server.handle_exit)
+            for number in (signal.SIGINT, signal.SIGTERM)
+        }
         log.info("service_started", service=self.name, url=self.url)
         try:
             self._server.run()
         finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
             log.info("service_stopped", service=self.name, url=self.url)
 
     def start(self) -> None:
