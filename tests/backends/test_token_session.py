@@ -235,6 +235,28 @@ class TestWrongPin:
         assert calls.count("C_Login") == 1
         assert calls.count("C_OpenSession") == 1
 
+    @pytest.mark.skipif(not SPY_MODULE.exists(), reason="OpenSC pkcs11-spy is not installed")
+    def test_serve_logs_in_once(
+        self, session_env: dict[str, str], session_token: TokenInfo, tmp_path: Path, free_port: int
+    ) -> None:
+        spy_log = tmp_path / "spy.log"
+        env = {
+            **session_env,
+            "SOFTHSM_USER_PIN": WRONG_PIN,
+            "PLINGS_PKCS11_MODULE": str(SPY_MODULE),
+            "PKCS11SPY": str(session_token.module),
+            "PKCS11SPY_OUTPUT": str(spy_log),
+            "HSM_API_KEY": "token-session-test-api-key",
+            "PLINGS_HSM_PORT": str(free_port),
+        }
+        completed = run_cli(["serve"], env)
+        calls = [
+            line.split(": ", 1)[1] for line in spy_log.read_text().splitlines() if ": C_" in line
+        ]
+        assert completed.returncode == 13, completed.stderr
+        assert calls.count("C_Login") == 1
+        assert_no_secrets(completed.stdout + completed.stderr)
+
     def test_other_pin_in_process_rejected(self, session_token: TokenInfo) -> None:
         shared = TokenSession.acquire(session_token.module, "ts-test", Secret(TEST_USER_PIN))
         try:

@@ -613,6 +613,7 @@ class TestServe:
             stdout, stderr = process.communicate(timeout=30)
             assert_no_secrets(stdout + stderr)
             assert "Traceback" not in stderr
+            assert process.returncode == 0, stderr
 
     def test_concurrent_requests(self, served: tuple[str, ssl.SSLContext]) -> None:
         url, verify = served
