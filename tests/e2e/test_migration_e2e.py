@@ -5,6 +5,9 @@ identifier API while the migration moves, and checks that no request failed and 
 every key served equals bip_utils' derivation from the env master.
 """
 
+# Fixtures are imported from migration_support, so every test parameter redefines one.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import random
@@ -18,14 +21,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from migration_support import (
+from migration_support import (  # noqa: F401 - fixtures
     HSM_API_KEY,
     TEST_MASTER_KEY,
     TEST_SEED,
     RunningService,
+    hsm_service,
     hsm_service_config,
+    mig_backend,
+    other_backend,
     reference_key,
     serve,
+    tls_files,
     wait_until,
 )
 

@@ -1,5 +1,8 @@
 """The identifier API over real HTTPS on 127.0.0.1, in front of the real HSM service."""
 
+# Fixtures are imported from migration_support, so every test parameter redefines one.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import ssl
@@ -9,13 +12,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from migration_support import (
+from migration_support import (  # noqa: F401 - fixtures
     HSM_API_KEY,
     TEST_MASTER_KEY,
     TEST_SEED,
     RunningService,
+    hsm_service,
+    mig_backend,
     reference_key,
     serve,
+    tls_files,
     track,
     wait_until,
 )

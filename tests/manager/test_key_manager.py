@@ -1,21 +1,28 @@
 """The key manager in env, dual and hsm modes against the real HSM service and a real store."""
 
+# Fixtures are imported from migration_support, so every test parameter redefines one.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from migration_support import (
+from migration_support import (  # noqa: F401 - fixtures
     HSM_API_KEY,
     TEST_MASTER_KEY,
     TEST_SEED,
     RunningService,
     close_tracked,
+    hsm_service,
     hsm_service_config,
+    mig_backend,
+    other_backend,
     pick_port,
     reference_key,
     serve,
+    tls_files,
     track,
     wait_until,
 )

@@ -1,5 +1,8 @@
 """The runbook commands as an operator runs them: child processes on a real store and token."""
 
+# Fixtures are imported from migration_support, so every test parameter redefines one.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import os
@@ -14,14 +17,17 @@ from typing import ClassVar
 
 import httpx
 import pytest
-from migration_support import (
+from migration_support import (  # noqa: F401 - fixtures
     HSM_API_KEY,
     MIG_TOKEN_LABEL,
     MIG_USER_PIN,
     TEST_MASTER_KEY,
     RunningService,
+    hsm_service,
+    mig_backend,
     module_path,
     pick_port,
+    tls_files,
     wait_until,
 )
 

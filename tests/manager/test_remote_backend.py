@@ -1,19 +1,25 @@
 """The remote backend against the real HSM service over TLS on 127.0.0.1."""
 
+# Fixtures are imported from migration_support, so every test parameter redefines one.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from migration_support import (
+from migration_support import (  # noqa: F401 - fixtures
     HSM_API_KEY,
     TEST_SEED,
     RunningService,
     faulty_hsm_app,
+    hsm_service,
     hsm_service_config,
+    mig_backend,
     pick_port,
     reference_key,
     serve,
+    tls_files,
 )
 from structlog.testing import capture_logs
 
