@@ -306,6 +306,64 @@ class TestModuleMissing:
         assert str(fake) in assert_one_error_line(completed)
 
 
+# Initialises two tokens with one label, which C_InitToken allows; the PyKCS11 module
+# is loaded again for the second, so that it sees the slot the first one used up.
+TWIN_TOKENS = """
+import sys
+import PyKCS11
+
+module, label, so_pin = sys.argv[1:]
+for _ in range(2):
+    lib = PyKCS11.PyKCS11Lib()
+    lib.load(module)
+    for slot in lib.getSlotList(tokenPresent=True):
+        if not lib.getTokenInfo(slot).flags & PyKCS11.CKF_TOKEN_INITIALIZED:
+            lib.initToken(slot, so_pin, label.ljust(32))
+            break
+    lib.unload()
+"""
+
+
+@pytest.fixture
+def twin_env(
+    session_env: dict[str, str], session_token: TokenInfo, tmp_path: Path
+) -> dict[str, str]:
+    """CLI environment on a token folder of its own with two tokens labelled ts-twin."""
+    tokens = tmp_path / "tokens"
+    tokens.mkdir(mode=0o700)
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n")
+    env = {**session_env, "SOFTHSM2_CONF": str(conf), "PLINGS_TOKEN_LABEL": "ts-twin"}
+    subprocess.run(
+        [sys.executable, "-c", TWIN_TOKENS, str(session_token.module), "ts-twin", TEST_SO_PIN],
+        env=env,
+        check=True,
+        timeout=CLI_TIMEOUT_S,
+        capture_output=True,
+    )
+    return env
+
+
+class TestDuplicateTokenLabel:
+    """Two tokens under one label are a token error on every command, never an internal one."""
+
+    @pytest.mark.parametrize(
+        "args",
+        [DERIVE_ARGS, ["keys", "list"], ["token", "status"]],
+        ids=["derive", "keys-list", "token-status"],
+    )
+    def test_exit_10(self, twin_env: dict[str, str], args: list[str]) -> None:
+        completed = run_cli(args, twin_env)
+        assert completed.returncode == 10, completed.stderr
+        assert "more than one token" in assert_one_error_line(completed)
+
+    def test_doctor_fails(self, twin_env: dict[str, str]) -> None:
+        completed = run_cli(["doctor"], twin_env)
+        assert completed.returncode == 9, completed.stderr
+        assert "more than one token" in completed.stdout
+        assert "Traceback" not in completed.stderr
+
+
 class TestObjectErrors:
     """Missing wallets and duplicate labels map to their own exit codes."""
 

@@ -56,6 +56,25 @@ def load_module(module: Path) -> Any:
         raise Pkcs11ModuleError(f"cannot load PKCS#11 module {module}: {exc}") from exc
 
 
+def _find_token(lib: Any, token_label: str) -> Any:
+    """Return the one token labelled ``token_label``.
+
+    Raises:
+        TokenNotFoundError: when no token carries the label.
+        TokenError: when more than one token carries it.
+    """
+    try:
+        return lib.get_token(token_label=token_label)
+    except p11.NoSuchToken as exc:
+        raise TokenNotFoundError(
+            f"no token labelled {token_label!r}; run 'plings-hsm token init'"
+        ) from exc
+    except p11.MultipleTokensReturned as exc:
+        raise TokenError(
+            f"more than one token is labelled {token_label!r}; relabel or remove one"
+        ) from exc
+
+
 class TokenSession:
     """Runs callables on the worker thread that owns the token session.
 
@@ -142,17 +161,7 @@ class TokenSession:
                 f"token {self.token_label!r} rejected SOFTHSM_USER_PIN earlier; "
                 "fix the PIN and restart instead of retrying"
             )
-        lib = load_module(self.module)
-        try:
-            token = lib.get_token(token_label=self.token_label)
-        except p11.NoSuchToken as exc:
-            raise TokenNotFoundError(
-                f"no token labelled {self.token_label!r}; run 'plings-hsm token init'"
-            ) from exc
-        except p11.MultipleTokensReturned as exc:
-            raise TokenError(
-                f"more than one token is labelled {self.token_label!r}; relabel or remove one"
-            ) from exc
+        token = _find_token(load_module(self.module), self.token_label)
         try:
             self._session = token.open(rw=True, user_pin=self._user_pin.reveal_text())
         except p11.PinIncorrect as exc:
@@ -256,16 +265,12 @@ def read_token_info(module: Path, token_label: str) -> dict[str, Any]:
     Raises:
         Pkcs11ModuleError: when the module cannot be loaded.
         TokenNotFoundError: when no token carries the label.
+        TokenError: when more than one token carries the label.
     """
 
     def read() -> dict[str, Any]:
         lib = load_module(module)
-        try:
-            token = lib.get_token(token_label=token_label)
-        except p11.NoSuchToken as exc:
-            raise TokenNotFoundError(
-                f"no token labelled {token_label!r}; run 'plings-hsm token init'"
-            ) from exc
+        token = _find_token(lib, token_label)
         flags = pkcs11.TokenFlag(token.flags)
         return {
             "label": token.label,
