@@ -305,6 +305,14 @@ class TestDerive:
         assert from_env == from_token
         assert len(from_env.splitlines()) >= 7
 
+    def test_long_batch_streams(self, cli_env: dict[str, str]) -> None:
+        # From 10,000 keys on, a progress bar goes to stderr; stdout keeps only the keys.
+        output = _derive(cli_env, "pkcs11", "ndjson", "--start", "0", "--quantity", "10000")
+        lines = output.splitlines()
+        assert len(lines) == 10000
+        assert json.loads(lines[0]) == reference_wire(TEST_SEED, PREFIX, 0, 1)[0]
+        assert json.loads(lines[-1]) == reference_wire(TEST_SEED, PREFIX, 9999, 1)[0]
+
     def test_json_is_wire_shape(self, cli_env: dict[str, str]) -> None:
         output = _derive(cli_env, "pkcs11", "json", "--quantity", "5")
         assert json.loads(output) == {
