@@ -231,7 +231,7 @@ def _serve_and_compare(ctx: CliContext, backend: Pkcs11Backend, env_backend: Env
         server.start()
     except RuntimeError as exc:
         # ServiceServer.start raises RuntimeError when the port is taken or the start
-        # timed out; both are fixed by the listen address, not by a bug report.
+        # timed out, and a free port is the fix for both, not a bug report.
         raise ConfigError(f"{exc}; set PLINGS_HSM_PORT to a free port") from exc
     try:
         verify = ssl.create_default_context(cafile=str(tls.ca_cert))
