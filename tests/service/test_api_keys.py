@@ -16,6 +16,7 @@ import pytest
 import structlog
 from svc_support import (  # noqa: F401 - fixtures
     SVC_API_KEY,
+    FakeClock,
     StartService,
     auth,
     derive_body,
@@ -121,6 +122,17 @@ class TestKeyStore:
         names = [record.name for record in key_store.list_keys(include_revoked=False)]
         assert names == ["two"]
 
+    def test_set_budget(self, key_store: ApiKeyStore) -> None:
+        key_store.create("identifier-api")
+        key_store.set_budget("identifier-api", requests_per_minute=6000, keys_per_minute=None)
+        (record,) = key_store.list_keys()
+        assert record.requests_per_minute == 6000
+        assert record.keys_per_minute is None
+
+    def test_set_budget_unknown(self, key_store: ApiKeyStore) -> None:
+        with pytest.raises(InvalidRequestError, match="no active API key"):
+            key_store.set_budget("nobody", requests_per_minute=1, keys_per_minute=1)
+
     def test_mark_used(self, key_store: ApiKeyStore) -> None:
         record, _ = key_store.create("one")
         key_store.mark_used(record.key_id)
@@ -151,6 +163,14 @@ class TestApikeyCommands:
         result = _plings_hsm(cli_env, "apikey", "revoke", "ops")
         assert result.returncode == 0, result.stderr
         assert "revoked" in result.stdout
+
+    def test_budget(self, cli_env: dict[str, str]) -> None:
+        _plings_hsm(cli_env, "apikey", "create", "identifier-api")
+        result = _plings_hsm(
+            cli_env, "apikey", "budget", "identifier-api", "--keys-per-minute", "2000000"
+        )
+        assert result.returncode == 0, result.stderr
+        assert "default requests/min, 2000000 keys/min" in result.stdout
 
     def test_revoke_unknown_exits_5(self, cli_env: dict[str, str]) -> None:
         result = _plings_hsm(cli_env, "apikey", "revoke", "nobody")
@@ -190,6 +210,18 @@ class TestStoreKeysOverHttps:
         after = svc.client.post("/api/derive-keys", headers=headers, json=derive_body())
         assert before.status_code == 200
         assert after.status_code == 401
+
+    def test_budget_change_applies(
+        self, start_service: StartService, key_store: ApiKeyStore
+    ) -> None:
+        _, key = key_store.create("identifier-api", requests_per_minute=1)
+        svc = start_service(key_store=key_store, clock=FakeClock())
+        headers = auth(key.reveal_text())
+        first = svc.client.post("/api/derive-keys", headers=headers, json=derive_body())
+        limited = svc.client.post("/api/derive-keys", headers=headers, json=derive_body())
+        key_store.set_budget("identifier-api", requests_per_minute=50, keys_per_minute=None)
+        after = svc.client.post("/api/derive-keys", headers=headers, json=derive_body())
+        assert [first.status_code, limited.status_code, after.status_code] == [200, 429, 200]
 
     def test_last_used_recorded(self, start_service: StartService, key_store: ApiKeyStore) -> None:
         _, key = key_store.create("identifier-api")

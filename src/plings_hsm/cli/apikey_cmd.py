@@ -1,4 +1,4 @@
-"""``plings-hsm apikey create|list|revoke``: API keys of the HSM service in the state store."""
+"""``plings-hsm apikey create|list|budget|revoke``: API keys of the HSM service in the store."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from plings_hsm.store.db import Store
 __all__ = ["apikey_app"]
 
 apikey_app = typer.Typer(
-    help="Create, list and revoke API keys of the HSM service.", no_args_is_help=True
+    help="Create, list, budget and revoke API keys of the HSM service.", no_args_is_help=True
 )
 app.add_typer(apikey_app, name="apikey")
 
@@ -98,6 +98,27 @@ def list_command(
             status,
         )
     _out.print(table)
+
+
+@apikey_app.command("budget")
+def budget(
+    name_or_id: Annotated[str, typer.Argument(help="Client name or key id of an active key.")],
+    requests_per_minute: Annotated[
+        int | None,
+        typer.Option(min=1, max=BUDGET_MAX_PER_MINUTE, help="Requests a minute."),
+    ] = None,
+    keys_per_minute: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=BUDGET_MAX_PER_MINUTE, help="Keys derived or signed with a minute."
+        ),
+    ] = None,
+) -> None:
+    """Set a key's budget; an option left out goes back to the service default."""
+    record = _key_store().set_budget(
+        name_or_id, requests_per_minute=requests_per_minute, keys_per_minute=keys_per_minute
+    )
+    _out.print(f"API key {record.key_id} of {record.name!r}: {_budget(record)}")
 
 
 @apikey_app.command("revoke")

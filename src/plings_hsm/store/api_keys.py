@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plings_hsm.errors import InvalidRequestError
 from plings_hsm.secrets import Secret
@@ -203,23 +203,59 @@ class ApiKeyStore:
             InvalidRequestError: when no active key has that name or id.
         """
         with self.store.session() as session:
-            row = session.scalar(
-                sa.select(ApiKeyRow).where(
-                    sa.or_(ApiKeyRow.name == name_or_id, ApiKeyRow.key_id == name_or_id),
-                    ApiKeyRow.revoked_at.is_(None),
-                )
-            )
-            if row is None:
-                raise InvalidRequestError(
-                    f"no active API key has name or key id {name_or_id!r}; "
-                    "see 'plings-hsm apikey list'",
-                    field="name",
-                )
+            row = self._active_row(session, name_or_id)
             row.revoked_at = _now()
             session.flush()
             record = ApiKeyRecord.of(row)
         log.info("api_key_revoked", key_id=record.key_id, name=record.name)
         return record
+
+    def set_budget(
+        self,
+        name_or_id: str,
+        *,
+        requests_per_minute: int | None,
+        keys_per_minute: int | None,
+    ) -> ApiKeyRecord:
+        """Set the budget of the active key with this name or key id; ``None`` is the default.
+
+        A running service applies the new budget from the key's next request on.
+
+        Raises:
+            InvalidRequestError: when a budget is out of range or no active key matches.
+        """
+        _check_budget("requests_per_minute", requests_per_minute)
+        _check_budget("keys_per_minute", keys_per_minute)
+        with self.store.session() as session:
+            row = self._active_row(session, name_or_id)
+            row.requests_per_minute = requests_per_minute
+            row.keys_per_minute = keys_per_minute
+            session.flush()
+            record = ApiKeyRecord.of(row)
+        log.info(
+            "api_key_budget_changed",
+            key_id=record.key_id,
+            name=record.name,
+            requests_per_minute=requests_per_minute,
+            keys_per_minute=keys_per_minute,
+        )
+        return record
+
+    @staticmethod
+    def _active_row(session: Session, name_or_id: str) -> ApiKeyRow:
+        row = session.scalar(
+            sa.select(ApiKeyRow).where(
+                sa.or_(ApiKeyRow.name == name_or_id, ApiKeyRow.key_id == name_or_id),
+                ApiKeyRow.revoked_at.is_(None),
+            )
+        )
+        if row is None:
+            raise InvalidRequestError(
+                f"no active API key has name or key id {name_or_id!r}; "
+                "see 'plings-hsm apikey list'",
+                field="name",
+            )
+        return row
 
     def verify(self, presented: bytes) -> ApiKeyRecord | None:
         """Return the active key that ``presented`` is, or ``None``.
