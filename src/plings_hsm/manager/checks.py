@@ -22,7 +22,7 @@ from plings_hsm.manager.backup import find_recent_backup, make_token_backup
 from plings_hsm.manager.config import ManagerSettings
 from plings_hsm.manager.migration import ROLLOUT_STEPS
 from plings_hsm.secrets import Secret
-from plings_hsm.store.audit import append_audit, list_audit, verify_audit_chain
+from plings_hsm.store.audit import list_audit, record_audit, verify_audit_chain
 from plings_hsm.store.db import Store
 from plings_hsm.store.migration import load_state
 
@@ -158,8 +158,7 @@ def run_preflight(
 
     def store_writable() -> str:
         summary = ", ".join(f"{check.name}={'pass' if check.ok else 'FAIL'}" for check in checks)
-        with store.session() as session:
-            append_audit(session, actor=actor, action="preflight_checked", detail=summary)
+        record_audit(store, actor=actor, action="preflight_checked", detail=summary)
         return f"audit row written to {store.safe_url}"
 
     checks.append(_run("state store writable", store_writable))

@@ -28,7 +28,7 @@ from plings_hsm.manager.metrics import ManagerMetrics
 from plings_hsm.manager.migration import roll_back
 from plings_hsm.manager.notify import Notifier
 from plings_hsm.manager.rollout import Rollout
-from plings_hsm.store.audit import append_audit
+from plings_hsm.store.audit import record_audit
 from plings_hsm.store.db import Store
 from plings_hsm.store.migration import (
     MigrationState,
@@ -462,15 +462,14 @@ class KeyManager:
             return
         self._fallback_episode = True
         try:
-            with self.store.session() as session:
-                append_audit(
-                    session,
-                    actor=f"key-manager:{self.instance}",
-                    action="hsm_fallback_started",
-                    subject="source",
-                    old_value="hsm",
-                    new_value="env",
-                    detail=f"HSM failed: {type(exc).__name__}; later fallbacks are in the records",
-                )
+            record_audit(
+                self.store,
+                actor=f"key-manager:{self.instance}",
+                action="hsm_fallback_started",
+                subject="source",
+                old_value="hsm",
+                new_value="env",
+                detail=f"HSM failed: {type(exc).__name__}; later fallbacks are in the records",
+            )
         except StoreError as audit_exc:
             log.warning("fallback_audit_failed", request_id=request_id, error=str(audit_exc))

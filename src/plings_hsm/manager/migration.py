@@ -13,7 +13,7 @@ from plings_hsm.manager.config import KeyManagementMode, ManagerSettings
 from plings_hsm.manager.gates import GateLimits, GateReading, read_gate
 from plings_hsm.manager.notify import MigrationNotice, Notifier
 from plings_hsm.manager.rollout import PERCENTAGE_MAX
-from plings_hsm.store.audit import append_audit
+from plings_hsm.store.audit import record_audit
 from plings_hsm.store.db import Store
 from plings_hsm.store.migration import (
     MigrationState,
@@ -366,15 +366,14 @@ class Runbook:
         )
 
     def _audit_gate(self, reading: GateReading) -> None:
-        with self.store.session() as session:
-            append_audit(
-                session,
-                actor=self.actor,
-                action="gate_passed",
-                subject=reading.step,
-                new_value=f"compared={reading.stats.compared} p99_ms={reading.p99_ms:.1f}",
-                detail=reading.reason,
-            )
+        record_audit(
+            self.store,
+            actor=self.actor,
+            action="gate_passed",
+            subject=reading.step,
+            new_value=f"compared={reading.stats.compared} p99_ms={reading.p99_ms:.1f}",
+            detail=reading.reason,
+        )
 
     def _auto_rollback(self, reason: str) -> None:
         roll_back(

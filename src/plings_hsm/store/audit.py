@@ -13,9 +13,11 @@ import time
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from plings_hsm.store.db import Base
+from plings_hsm.errors import StoreError
+from plings_hsm.store.db import Base, Store
 
 __all__ = [
     "GENESIS_HASH",
@@ -24,8 +26,11 @@ __all__ = [
     "ChainCheck",
     "append_audit",
     "list_audit",
+    "record_audit",
     "verify_audit_chain",
 ]
+
+log = structlog.get_logger(__name__)
 
 GENESIS_HASH = "0" * 64
 """The previous hash of the first row."""
@@ -116,6 +121,31 @@ def append_audit(
     session.add(row)
     session.flush()
     return row
+
+
+APPEND_ATTEMPTS = 5
+"""Attempts of :func:`record_audit` when another writer took the newest row first."""
+
+
+def record_audit(store: Store, **fields: str) -> None:
+    """Append one audit row in a transaction of its own, retrying a lost race.
+
+    Args:
+        fields: ``actor``, ``action`` and optionally ``subject``, ``old_value``,
+            ``new_value`` and ``detail``, as for :func:`append_audit`.
+
+    Raises:
+        StoreError: when every attempt failed.
+    """
+    for attempt in range(1, APPEND_ATTEMPTS + 1):
+        try:
+            with store.session() as session:
+                append_audit(session, **fields)
+            return
+        except StoreError:
+            if attempt == APPEND_ATTEMPTS:
+                raise
+            log.info("audit_append_retried", action=fields.get("action", ""), attempt=attempt)
 
 
 def list_audit(session: Session, action: str | None = None, limit: int = 1000) -> list[AuditEntry]:
