@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import base58
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from migration_support import (  # noqa: F401 - fixtures
     HSM_API_KEY,
     TEST_SEED,
@@ -181,3 +183,18 @@ class TestHealth:
         health = remote.health()
         remote.close()
         assert not health.ok
+
+
+class TestSign:
+    """Signing through the service gives a signature the instance's public key verifies."""
+
+    def test_signature_verifies(self, hsm_service: RunningService) -> None:
+        remote = remote_for(hsm_service)
+        path = PREFIX.instance(4)
+        signature = remote.sign(path, b"tag 4")
+        remote.close()
+        public_key = Ed25519PublicKey.from_public_bytes(signature.public_key)
+        public_key.verify(signature.signature, b"tag 4")
+        assert base58.b58encode(signature.public_key).decode() == reference_key(
+            TEST_SEED, path.hd_path
+        )

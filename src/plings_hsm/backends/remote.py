@@ -245,11 +245,18 @@ class RemoteBackend(KeyBackend):
     def sign(self, path: IdentifierPath, message: bytes) -> Signature:
         """Sign ``message`` through ``POST /api/sign``; signing is not retried.
 
-        NOTE: the body ``{hdPath, message}`` with base64 message and the response
-        ``{publicKey (base58), signature (base64)}`` follow the HSM service's sign route
-        as planned; check them against /openapi.json of the service you call.
+        Raises:
+            HsmServiceError: when the service fails or returns no valid signature.
         """
-        body = {"hdPath": path.hd_path, "message": base64.b64encode(message).decode("ascii")}
+        body = {
+            "walletVersion": path.wallet,
+            "manufacturer": path.manufacturer,
+            "category": path.category,
+            "classId": path.class_id,
+            "batch": path.batch,
+            "instanceNumber": path.instance,
+            "message": base64.b64encode(message).decode("ascii"),
+        }
         payload = self._post("/api/sign", body, retry=False)
         try:
             signature = base64.b64decode(payload["signature"], validate=True)
