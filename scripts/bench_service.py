@@ -5,7 +5,8 @@ measures in the same run:
 
 - the in-process rate: Pkcs11Backend.derive_keys for one 100-key batch, in a loop;
 - the HTTPS rate: POST /api/derive-keys with quantity 100 from 1 and 4 client threads,
-  each on its own keep-alive connection, with budgets raised out of the way.
+  each on its own keep-alive connection, with budgets raised out of the way; with
+  HSM_API_KEY, and with a key from the state store (one SQLite lookup a request).
 
 Prints each rate and its ratio to the in-process rate. Every loop is bounded by a
 request count and a time limit; traffic goes to 127.0.0.1 only.
@@ -38,6 +39,8 @@ from plings_hsm.service.config import ServiceConfig
 from plings_hsm.service.server import ServiceServer, tls_config
 from plings_hsm.service.tls import ensure_local_tls
 from plings_hsm.settings import find_pkcs11_module
+from plings_hsm.store.api_keys import ApiKeyStore
+from plings_hsm.store.db import Store
 
 BATCH = BatchPrefix(wallet=1, manufacturer=1, category=1, class_id=1, batch=99999)
 REQUESTS_MAX = 200_000
@@ -132,8 +135,12 @@ def main() -> None:
         (root / "tls").mkdir(mode=0o700)
         tls = ensure_local_tls(root / "tls")
         api_key = secrets.token_urlsafe(32)
+        store = Store(f"sqlite:///{root / 'bench.db'}")
+        key_store = ApiKeyStore(store)
+        _, store_key = key_store.create("bench")
         config = ServiceConfig(
             api_keys=(Secret(api_key),),
+            key_store=key_store,
             budget_requests_per_minute=LARGE_BUDGET,
             budget_keys_per_minute=LARGE_BUDGET,
         )
@@ -149,18 +156,22 @@ def main() -> None:
                 f"in-process pkcs11 derive_keys, {args.quantity} keys: "
                 f"{reference:8.1f} batches/s ({reference * args.quantity:,.0f} keys/s)"
             )
-            for threads in (1, 4):
+            runs = [("HSM_API_KEY", api_key, 1), ("HSM_API_KEY", api_key, 4)]
+            runs.append(("store key", store_key.reveal_text(), 1))
+            for key_kind, key, threads in runs:
                 rate, failed = _https_rate(
-                    server.url, tls.ca_cert, api_key, args.quantity, args.seconds, threads
+                    server.url, tls.ca_cert, key, args.quantity, args.seconds, threads
                 )
                 print(
-                    f"HTTPS POST /api/derive-keys, {args.quantity} keys, {threads} client(s): "
-                    f"{rate:8.1f} requests/s ({rate * args.quantity:,.0f} keys/s), "
+                    f"HTTPS POST /api/derive-keys, {args.quantity} keys, {key_kind}, "
+                    f"{threads} client(s): {rate:8.1f} requests/s "
+                    f"({rate * args.quantity:,.0f} keys/s), "
                     f"{rate / reference:.2f} x in-process, {failed} non-200"
                 )
         finally:
             server.stop()
             backend.close()
+            store.close()
     print(f"python {sys.version.split()[0]}, nproc {os.cpu_count()}")
 
 

@@ -28,6 +28,7 @@ from svc_support import (  # noqa: F401 - fixtures
 )
 
 from plings_hsm.errors import InvalidRequestError
+from plings_hsm.service.auth import STORE_KEY_CACHE_S
 from plings_hsm.store.api_keys import ApiKeyStore
 
 
@@ -203,23 +204,29 @@ class TestStoreKeysOverHttps:
         self, start_service: StartService, key_store: ApiKeyStore
     ) -> None:
         _, key = key_store.create("identifier-api")
-        svc = start_service(key_store=key_store)
+        clock = FakeClock()
+        svc = start_service(key_store=key_store, clock=clock)
         headers = auth(key.reveal_text())
         before = svc.client.post("/api/derive-keys", headers=headers, json=derive_body())
         key_store.revoke("identifier-api")
+        cached = svc.client.post("/api/derive-keys", headers=headers, json=derive_body())
+        clock.advance(STORE_KEY_CACHE_S)
         after = svc.client.post("/api/derive-keys", headers=headers, json=derive_body())
         assert before.status_code == 200
+        assert cached.status_code == 200
         assert after.status_code == 401
 
     def test_budget_change_applies(
         self, start_service: StartService, key_store: ApiKeyStore
     ) -> None:
         _, key = key_store.create("identifier-api", requests_per_minute=1)
-        svc = start_service(key_store=key_store, clock=FakeClock())
+        clock = FakeClock()
+        svc = start_service(key_store=key_store, clock=clock)
         headers = auth(key.reveal_text())
         first = svc.client.post("/api/derive-keys", headers=headers, json=derive_body())
         limited = svc.client.post("/api/derive-keys", headers=headers, json=derive_body())
         key_store.set_budget("identifier-api", requests_per_minute=50, keys_per_minute=None)
+        clock.advance(STORE_KEY_CACHE_S)
         after = svc.client.post("/api/derive-keys", headers=headers, json=derive_body())
         assert [first.status_code, limited.status_code, after.status_code] == [200, 429, 200]
 

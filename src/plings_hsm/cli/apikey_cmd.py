@@ -125,6 +125,6 @@ def budget(
 def revoke(
     name_or_id: Annotated[str, typer.Argument(help="Client name or key id of an active key.")],
 ) -> None:
-    """Revoke an API key; the service rejects it on the next request."""
+    """Revoke an API key; a running service rejects it within 5 seconds."""
     record = _key_store().revoke(name_or_id)
     _out.print(f"API key {record.key_id} of {record.name!r} revoked at {_when(record.revoked_at)}")

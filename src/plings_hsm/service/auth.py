@@ -11,7 +11,20 @@ from plings_hsm.secrets import Secret
 from plings_hsm.service.config import ServiceConfig
 from plings_hsm.store.api_keys import ApiKeyStore
 
-__all__ = ["LAST_USED_INTERVAL_S", "ApiClient", "Authenticator", "bearer_token"]
+__all__ = [
+    "LAST_USED_INTERVAL_S",
+    "STORE_KEY_CACHE_S",
+    "ApiClient",
+    "Authenticator",
+    "bearer_token",
+]
+
+STORE_KEY_CACHE_S = 5.0
+"""A store key verified once is accepted from memory this long, so a revocation or budget
+change takes up to this long to apply; a lookup a request halved the request rate."""
+
+VERIFIED_KEYS_MAX = 10_000
+"""Remembered store keys before the expired ones are dropped."""
 
 LAST_USED_INTERVAL_S = 60.0
 """A key's last-used time is written at most this often, so a busy key costs no write a request."""
@@ -52,7 +65,7 @@ class Authenticator:
 
     Configured keys (HSM_API_KEY) are compared by SHA-256 digest in constant time, every
     one of them on every request. Store keys are found by their public key id and
-    compared by digest.
+    compared by digest, then remembered for STORE_KEY_CACHE_S under that digest.
 
     Args:
         config: the service configuration with the configured keys, the store and the
@@ -70,6 +83,7 @@ class Authenticator:
         self._keys_per_minute = config.budget_keys_per_minute
         self._clock = config.clock
         self._last_written: dict[str, float] = {}
+        self._verified: dict[bytes, tuple[ApiClient, float]] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -82,6 +96,34 @@ class Authenticator:
             keys_per_minute=config.budget_keys_per_minute,
         )
 
+    @property
+    def uses_store(self) -> bool:
+        """Whether keys may have to be looked up in the state store."""
+        return self._store is not None
+
+    def authenticate_in_memory(self, token: bytes | None) -> ApiClient | None:
+        """Return the client of ``token`` if a configured or recently verified key matches.
+
+        ``None`` means only that memory does not know the token; the store may.
+        """
+        if token is None:
+            return None
+        presented = hashlib.sha256(token).digest()
+        found: ApiClient | None = None
+        for digest, client in self._static:
+            if hmac.compare_digest(digest, presented):
+                found = client
+        if found is not None:
+            return found
+
+        # A dictionary lookup by the SHA-256 of the token: its timing depends on digest
+        # bytes a client cannot choose, not on the bytes of a stored key.
+        with self._lock:
+            cached = self._verified.get(presented)
+        if cached is not None and cached[1] > self._clock():
+            return cached[0]
+        return None
+
     def authenticate(self, token: bytes | None) -> ApiClient | None:
         """Return the client of ``token``, or ``None`` when it matches no active key.
 
@@ -90,26 +132,31 @@ class Authenticator:
         Raises:
             StoreError: when the state store fails.
         """
-        if token is None:
-            return None
-        found: ApiClient | None = None
-        presented = hashlib.sha256(token).digest()
-        for digest, client in self._static:
-            if hmac.compare_digest(digest, presented):
-                found = client
-        if found is not None or self._store is None:
+        found = self.authenticate_in_memory(token)
+        if found is not None or token is None or self._store is None:
             return found
 
         record = self._store.verify(token)
         if record is None:
             return None
         self._mark_used(record.key_id)
-        return ApiClient(
+        client = ApiClient(
             key_id=record.key_id,
             name=record.name,
             requests_per_minute=record.requests_per_minute or self._requests_per_minute,
             keys_per_minute=record.keys_per_minute or self._keys_per_minute,
         )
+        self._remember(hashlib.sha256(token).digest(), client)
+        return client
+
+    def _remember(self, digest: bytes, client: ApiClient) -> None:
+        now = self._clock()
+        with self._lock:
+            if len(self._verified) > VERIFIED_KEYS_MAX:
+                self._verified = {
+                    known: entry for known, entry in self._verified.items() if entry[1] > now
+                }
+            self._verified[digest] = (client, now + STORE_KEY_CACHE_S)
 
     def _mark_used(self, key_id: str) -> None:
         if self._store is None:

@@ -235,7 +235,6 @@ class ClientGateMiddleware:
         self.config = config
         self.authenticator = authenticator
         self.limiter = limiter
-        self._store_backed = config.key_store is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -278,10 +277,9 @@ class ClientGateMiddleware:
 
         token = bearer_token(Headers(scope=scope).get("authorization"))
         try:
-            if self._store_backed:
+            client = self.authenticator.authenticate_in_memory(token)
+            if client is None and token is not None and self.authenticator.uses_store:
                 client = await run_in_threadpool(self.authenticator.authenticate, token)
-            else:
-                client = self.authenticator.authenticate(token)
         except PlingsHsmError as exc:
             status, code = status_of(exc)
             log.warning(

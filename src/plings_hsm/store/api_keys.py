@@ -219,7 +219,7 @@ class ApiKeyStore:
     ) -> ApiKeyRecord:
         """Set the budget of the active key with this name or key id; ``None`` is the default.
 
-        A running service applies the new budget from the key's next request on.
+        A running service applies the new budget within the time it remembers a verified key.
 
         Raises:
             InvalidRequestError: when a budget is out of range or no active key matches.
