@@ -27,6 +27,7 @@ from migration_support import (  # noqa: F401 - fixtures
     wait_until,
 )
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from plings_hsm.backends.env import EnvBackend
 from plings_hsm.backends.pkcs11 import Pkcs11Backend
@@ -34,7 +35,7 @@ from plings_hsm.backends.remote import RemoteBackend
 from plings_hsm.core.path import BatchPrefix
 from plings_hsm.errors import ConfigError, HsmServiceError, KeySourceUnavailableError
 from plings_hsm.manager.config import KeyManagementMode, ManagerSettings, parse_mode
-from plings_hsm.manager.key_manager import KeyManager
+from plings_hsm.manager.key_manager import CIRCUIT_FAILURES, CIRCUIT_OPEN_S, KeyManager
 from plings_hsm.manager.metrics import ManagerMetrics
 from plings_hsm.manager.migration import open_state
 from plings_hsm.secrets import Secret
@@ -292,3 +293,41 @@ class TestFollowing:
         change_state(store, actor="op", action="set", changes={"env_master_removed": True})
         manager.refresh()
         assert not manager.env_available
+
+
+class TestHsmPause:
+    """Consecutive HSM failures pause HSM calls instead of adding retries to every request."""
+
+    def test_pauses_after_failures(self, tmp_path: Path, tls_files: TlsFiles) -> None:
+        dead = RunningService(None, f"https://127.0.0.1:{pick_port()}", tls_files.ca_cert, 0)  # type: ignore[arg-type]
+        manager = make_manager(open_store(tmp_path, "dual"), dead)
+        with capture_logs() as logs:
+            for _ in range(CIRCUIT_FAILURES + 20):
+                assert manager.derive(PREFIX, 1, 1, user_id=INSIDE_USER).source == "env"
+        paused = [entry for entry in logs if entry["event"] == "hsm_calls_paused"]
+        failed = [entry for entry in logs if entry["event"] == "hsm_compare_failed"]
+        assert len(paused) == 1
+        assert len(failed) == CIRCUIT_FAILURES
+
+    def test_resumes_after_pause(
+        self, tmp_path: Path, mig_backend: Pkcs11Backend, tls_files: TlsFiles
+    ) -> None:
+        port = pick_port()
+        dead = RunningService(None, f"https://127.0.0.1:{port}", tls_files.ca_cert, port)  # type: ignore[arg-type]
+        manager = make_manager(open_store(tmp_path, "dual"), dead)
+        for _ in range(CIRCUIT_FAILURES):
+            manager.derive(PREFIX, 1, 1, user_id=INSIDE_USER)
+        service = serve(
+            create_app(mig_backend, hsm_service_config(HSM_API_KEY)),
+            tls_files,
+            port=port,
+            name="late-hsm",
+        )
+        try:
+            assert wait_until(
+                lambda: manager.derive(PREFIX, 1, 1, user_id=INSIDE_USER).source == "hsm",
+                CIRCUIT_OPEN_S + 5,
+                step_s=0.2,
+            )
+        finally:
+            service.stop()

@@ -51,7 +51,17 @@ RECORD_BUFFER_MAX = 50_000
 MISMATCH_ROWS_MAX = 20
 """Mismatching keys of one request written to the store; the count covers the rest."""
 
+CIRCUIT_FAILURES = 5
+"""Consecutive failed HSM calls after which HSM calls pause for CIRCUIT_OPEN_S."""
+
+CIRCUIT_OPEN_S = 2.0
+"""Pause of HSM calls after CIRCUIT_FAILURES failures; then one call tries again."""
+
 _CLIENT_ERRORS = (InvalidRequestError, InvalidPathError, WalletNotFoundError)
+
+
+class _CircuitOpenError(HsmServiceError):
+    """HSM calls are paused after consecutive failures; no call was made."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +141,8 @@ class KeyManager:
         self._records: list[RequestRecord] = []
         self._dropped_records = 0
         self._fallback_episode = False
+        self._hsm_failures = 0
+        self._circuit_open_until = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -306,15 +318,48 @@ class KeyManager:
     def _timed_hsm(
         self, prefix: BatchPrefix, start: int, quantity: int
     ) -> tuple[list[DerivedKey], float]:
+        """Call the HSM, pausing calls for a while after CIRCUIT_FAILURES failures in a row.
+
+        The pause keeps a stopped HSM service from adding connection attempts and retries
+        to every request, and from writing one log line per request.
+        """
         hsm = self._hsm
         if hsm is None:
             raise HsmServiceError("HSM_ENDPOINT is not configured in this service")
+        if time.monotonic() < self._circuit_open_until:
+            raise _CircuitOpenError(
+                f"HSM calls paused for {CIRCUIT_OPEN_S:g} s after {CIRCUIT_FAILURES} failures"
+            )
         started = time.perf_counter()
         try:
-            return hsm.derive_keys(prefix, start, quantity), (time.perf_counter() - started) * 1000
+            keys = hsm.derive_keys(prefix, start, quantity)
+        except _CLIENT_ERRORS:
+            raise
+        except Exception:
+            self._count_hsm_failure()
+            raise
         finally:
             if self._metrics is not None:
                 self._metrics.hsm_latency.observe(time.perf_counter() - started)
+        self._count_hsm_success()
+        return keys, (time.perf_counter() - started) * 1000
+
+    def _count_hsm_failure(self) -> None:
+        with self._lock:
+            self._hsm_failures += 1
+            if self._hsm_failures < CIRCUIT_FAILURES:
+                return
+            self._circuit_open_until = time.monotonic() + CIRCUIT_OPEN_S
+            failures = self._hsm_failures
+        log.warning(
+            "hsm_calls_paused", instance=self.instance, failures=failures, pause_s=CIRCUIT_OPEN_S
+        )
+
+    def _count_hsm_success(self) -> None:
+        with self._lock:
+            failures, self._hsm_failures = self._hsm_failures, 0
+        if failures >= CIRCUIT_FAILURES:
+            log.info("hsm_calls_resumed", instance=self.instance, failures=failures)
 
     def _dual(
         self,
@@ -335,12 +380,13 @@ class KeyManager:
             hsm_keys, latency_ms = self._timed_hsm(prefix, start, quantity)
         except Exception as exc:  # any HSM failure must leave the env result served
             latency_ms = (time.perf_counter() - started) * 1000
-            log.warning(
-                "hsm_compare_failed",
-                request_id=request_id,
-                error=type(exc).__name__,
-                step=state.step,
-            )
+            if not isinstance(exc, _CircuitOpenError):
+                log.warning(
+                    "hsm_compare_failed",
+                    request_id=request_id,
+                    error=type(exc).__name__,
+                    step=state.step,
+                )
             self._record(
                 RequestOutcome.HSM_ERROR, quantity, latency_ms, type(exc).__name__, request_id
             )
