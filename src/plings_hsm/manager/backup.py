@@ -1,9 +1,9 @@
 """A minimal token backup: the SoftHSM2 token folder, already encrypted under its PINs, archived.
 
-NOTE: this copies SoftHSM2's encrypted object files only. A full backup and restore would
-also wrap the masters under a backup key held by several people, check a restore on a
-spare token by fingerprint, and keep copies off the host; this archive restores only onto
-SoftHSM2 with the same PINs.
+NOTE: this copies SoftHSM2's encrypted object files only, so it restores only onto
+SoftHSM2 with the same PINs. A full backup and restore would also wrap the masters under
+a backup key split among several people, test a restore on a spare token by
+fingerprint, and keep copies off the host.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def _sha256_of(path: Path) -> str:
 def make_token_backup(token_dir: Path, backups_dir: Path, token_label: str) -> TokenBackup:
     """Archive ``token_dir`` into ``backups_dir`` with mode 0600 and write a SHA-256 manifest.
 
-    The archive contains SoftHSM2's object files as they are on disk, which SoftHSM2 encrypts
-    under keys derived from the PINs; no master is written in plain text.
+    The archive contains SoftHSM2's object files as they are on disk. SoftHSM2 encrypts
+    them under keys derived from the PINs, so no master is written in plain text.
     """
     if not token_dir.is_dir():
         raise ConfigError(f"token folder {token_dir} does not exist")

@@ -88,10 +88,11 @@ def run_preflight(
 ) -> list[Check]:
     """Check everything the migration needs before ``migrate start``.
 
-    The env master must decode, the token must log in and contain the wallet, the env, token
-    and HSM service fingerprints must match, the HSM service must be healthy over TLS, a
-    token backup must exist (one is made now when none is younger than a day), and the
-    store must take a write. Each check runs even when an earlier one failed.
+    The env master must decode, and the token must log in and contain the wallet. The
+    env, token and HSM service fingerprints must match, and the HSM service must be
+    healthy over TLS. A token backup must exist; one is made now when none is younger
+    than a day. Last, the store must take a write. Each check runs even when an earlier
+    one failed.
     """
     wallet = settings.default_wallet
     fingerprints: dict[str, str] = {}
@@ -223,12 +224,14 @@ def run_validate(
             "quantity": VALIDATE_KEYS,
             "userId": "plings-hsm-validate",
         }
+
         with _client(settings.identifier_url, ca_file) as client:
             started = time.perf_counter()
             response = client.post(
                 "/api/derive-keys", json=body, headers={"Authorization": f"Bearer {key}"}
             )
             elapsed_ms = (time.perf_counter() - started) * 1000
+
         if response.status_code != 200:
             raise _CheckFailedError(f"derive returned {response.status_code}")
         count = len(response.json()["keys"])
