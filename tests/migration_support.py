@@ -1,9 +1,4 @@
-"""Fixtures of the migration tests: real tokens, TLS material and HSM services on loopback.
-
-The test folders that use these fixtures have a conftest.py of their own, which takes the
-module name ``conftest`` while it loads; so this module cannot import the root
-conftest and initialises its tokens itself, the same way ``make_token`` does.
-"""
+"""Fixtures of the migration tests: real tokens, TLS material and HSM services on loopback."""
 
 from __future__ import annotations
 

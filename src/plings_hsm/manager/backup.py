@@ -1,10 +1,4 @@
-"""A minimal token backup: the SoftHSM2 token folder, already encrypted under its PINs, archived.
-
-NOTE: this copies SoftHSM2's encrypted object files only, so it restores only onto
-SoftHSM2 with the same PINs. A full backup and restore would also wrap the masters under
-a backup key split among several people, test a restore on a spare token by
-fingerprint, and keep copies off the host.
-"""
+"""A minimal token backup: the SoftHSM2 token folder, already encrypted under its PINs, archived."""
 
 from __future__ import annotations
 
@@ -69,6 +63,10 @@ def make_token_backup(token_dir: Path, backups_dir: Path, token_label: str) -> T
 
     The archive contains SoftHSM2's object files as they are on disk. SoftHSM2 encrypts
     them under keys derived from the PINs, so no master is written in plain text.
+
+    NOTE: the archive restores only onto SoftHSM2 with the same PINs. A full backup and
+    restore would also wrap the masters under a backup key split among several people,
+    test a restore on a spare token by fingerprint, and keep copies off the host.
     """
     if not token_dir.is_dir():
         raise ConfigError(f"token folder {token_dir} does not exist")

@@ -1,10 +1,4 @@
-"""The audit table: who changed what, when, from which value to which, in a hash chain.
-
-Each row carries SHA-256 over the previous row's hash and its own content, and the
-previous hash is unique, so an edited, deleted or inserted row breaks the chain where
-:func:`verify_audit_chain` finds it. Someone who can write the database can still rewrite
-the whole chain from the edit on; anchoring the latest hash elsewhere would detect that.
-"""
+"""The audit table: who changed what, when, from which value to which, in a hash chain."""
 
 from __future__ import annotations
 
@@ -39,7 +33,14 @@ _FIELD_SEPARATOR = "\x1f"
 
 
 class AuditRow(Base):
-    """One change: actor, action, subject, old and new value, and the chain hashes."""
+    """One change: actor, action, subject, old and new value, and the chain hashes.
+
+    Each row carries SHA-256 over the previous row's hash and its own content, and the
+    previous hash is unique, so an edited, deleted or inserted row breaks the chain where
+    :func:`verify_audit_chain` finds it. Someone who can write the database can still
+    rewrite the whole chain from the edit on; anchoring the latest hash elsewhere would
+    detect that.
+    """
 
     __tablename__ = "audit_log"
 
