@@ -5,8 +5,8 @@ measures in the same run:
 
 - the in-process rate: Pkcs11Backend.derive_keys for one 100-key batch, in a loop;
 - the HTTPS rate: POST /api/derive-keys with quantity 100 from 1 and 4 client threads,
-  each on its own keep-alive connection, with budgets raised out of the way; with
-  HSM_API_KEY, and with a key from the state store (one SQLite lookup a request).
+  each on its own keep-alive connection, with budgets raised out of the way. It uses
+  HSM_API_KEY, and once a key from the state store.
 
 Prints each rate and its ratio to the in-process rate. Every loop is bounded by a
 request count and a time limit; traffic goes to 127.0.0.1 only.

@@ -20,8 +20,8 @@ __all__ = [
 ]
 
 STORE_KEY_CACHE_S = 5.0
-"""A store key verified once is accepted from memory this long, so a revocation or budget
-change takes up to this long to apply; a lookup a request halved the request rate."""
+"""Seconds a verified store key is accepted from memory, so a revocation or budget change
+takes up to this long to apply. A store lookup on every request halved the request rate."""
 
 VERIFIED_KEYS_MAX = 10_000
 """Remembered store keys before the expired ones are dropped."""

@@ -1,4 +1,4 @@
-"""What the HSM service needs besides its backend, and how it is read from the environment."""
+"""Settings of the HSM service besides its backend, and their reading from the environment."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class ServiceConfig:
         budget_address_requests_per_minute: requests a minute of one client address
             on the paths that need no key (``/health``).
         budget_auth_failures_per_minute: failed authentications a minute from one
-            address; past it, every authenticated route answers 429 to that address.
+            address; past it, every authenticated route returns 429 to that address.
         allowed_origins: browser origins CORS lets in; ``*`` only without credentials.
         cors_allow_credentials: send ``Access-Control-Allow-Credentials: true``.
         trusted_proxies: networks whose forwarding header is read.

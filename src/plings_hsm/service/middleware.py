@@ -2,7 +2,7 @@
 
 Raw ASGI rather than Starlette's ``BaseHTTPMiddleware``, so that the access log is
 written when a streamed body has ended and the limits act before the body is parsed.
-Starlette's own ``RequestBodyLimitMiddleware`` answers 413 in plain text without the
+Starlette's own ``RequestBodyLimitMiddleware`` returns 413 in plain text without the
 limit, and the depth check needs the whole body anyway, so the body limit is here too.
 Order, outside in: context, CORS, gate, body limits, then the FastAPI router.
 """
@@ -372,8 +372,8 @@ class BodyLimitMiddleware:
     """Read the request body up to a byte limit, check its JSON nesting depth, replay it.
 
     A ``Content-Length`` over the limit is rejected before any byte is read; a chunked
-    body is counted as it arrives. Both answer 413; a body nested too deep answers 422,
-    and a body still incomplete after ``body_timeout_s`` answers 408.
+    body is counted as it arrives. Both get 413. A body nested too deep gets 422, and a
+    body still incomplete after ``body_timeout_s`` gets 408.
 
     Args:
         app: the next ASGI app.
@@ -473,7 +473,7 @@ class BodyLimitMiddleware:
 
 
 class CorsMiddleware(CORSMiddleware):
-    """Starlette's CORS middleware, answering a rejected preflight with the one error body.
+    """Starlette's CORS middleware, returning the one error body for a rejected preflight.
 
     Allowed origins are echoed exactly with ``Vary: Origin``; other origins get no
     ``Access-Control-Allow-Origin`` at all.

@@ -1,8 +1,8 @@
 """Per-process token buckets that charge a cost and return the wait until it fits.
 
 Written here rather than taken from the ``limits`` package for two reasons: a request
-costs as many keys as it derives, and the 429 must say how long until that whole cost
-fits, which a token bucket computes exactly; and tests pass in a clock instead of
+costs as many keys as it derives, and the 429 must state how long until that whole cost
+fits, which a token bucket computes exactly. And tests pass in a clock instead of
 sleeping for a minute. State lives in this process only.
 """
 
@@ -110,6 +110,6 @@ class RateLimiter:
 
     def _evict(self) -> None:
         # The least recently charged bucket has most likely refilled, and a full bucket
-        # equals a new one; dropping a bucket that is not full forgives its debt.
+        # equals a new one. Dropping a bucket that is not full forgives its debt.
         while len(self._buckets) > self._buckets_max:
             self._buckets.popitem(last=False)

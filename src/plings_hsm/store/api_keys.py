@@ -38,7 +38,7 @@ KEY_SECRET_BYTES = 32
 """Random bytes of the secret part; 256 bits make a fast hash such as SHA-256 enough."""
 
 NAME_MAX_CHARS = 64
-"""Longest client name of an API key."""
+"""Maximum length of an API key's client name, in characters."""
 
 BUDGET_MAX_PER_MINUTE = 100_000_000
 """Largest per-key budget the store accepts, in requests or keys a minute."""
@@ -135,7 +135,7 @@ class ApiKeyStore:
     :func:`hmac.compare_digest`.
 
     Args:
-        store: the state store that holds the ``api_keys`` table.
+        store: the state store that contains the ``api_keys`` table.
     """
 
     def __init__(self, store: Store) -> None:
