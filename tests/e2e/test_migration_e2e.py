@@ -71,6 +71,7 @@ def make_settings(hsm: RunningService, *, master: bool = True, port: int = 0) ->
         identifier_api_keys=(Secret(CLIENT_KEY),),
         admin_api_key=Secret(ADMIN_KEY),
         identifier_url=f"https://127.0.0.1:{port}",
+        identifier_ca_file=hsm.ca_file,
     )
 
 

@@ -269,8 +269,11 @@ class TestIdentifierServe:
 
         try:
             assert wait_until(lambda: source() == "hsm", 30, step_s=0.2)
-            assert run_cli(env, "rollback", "--reason", "drill").returncode == 0
-            assert wait_until(lambda: source() == "env", 5)
+            result = run_cli(env, "rollback", "--reason", "drill", "--wait")
+            print(result.stdout)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "serve env" in result.stdout
+            assert source() == "env"
         finally:
             client.close()
             process.terminate()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import getpass
 import os
+import ssl
 import time
+from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -217,11 +220,46 @@ def remove_env_master(
     )
 
 
+WAIT_TIMEOUT_S = 30.0
+"""How long ``rollback --wait`` polls the identifier APIs before it gives up."""
+
+
+def _wait_for_env(urls: list[str], ca_file: Path | None, started: float) -> float | None:
+    """Poll each URL's /health until it reports mode env; return seconds since ``started``."""
+    pending = list(urls)
+    verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    with httpx.Client(verify=verify, timeout=5.0) as client:
+        while pending and time.monotonic() - started < WAIT_TIMEOUT_S:
+            for url in list(pending):
+                try:
+                    mode = client.get(f"{url.rstrip('/')}/health").json().get("mode")
+                except (httpx.HTTPError, ValueError):
+                    continue
+                if mode == "env":
+                    pending.remove(url)
+            if pending:
+                time.sleep(0.05)
+    return None if pending else time.monotonic() - started
+
+
 @app.command("rollback")
 def rollback(
     reason: Annotated[str, typer.Option(help="Why; written into the audit log and the notice.")] = (
         "manual rollback"
     ),
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Poll the identifier APIs' /health until each serves env, and print the time.",
+        ),
+    ] = False,
+    url: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Identifier API to poll with --wait; repeat it; default PLINGS_IDENTIFIER_URL."
+        ),
+    ] = None,
     actor: ActorOption = None,
 ) -> None:
     """Switch every running service back to env from any step, within one poll interval.
@@ -239,6 +277,7 @@ def rollback(
             env.close()
     runbook = _runbook(actor)
     before = runbook.status()
+    started = time.monotonic()
     after = runbook.rollback(reason, master_fingerprint=fingerprint)
     if after.version == before.version:
         _out.print(f"already on env: {describe(after)}")
@@ -249,6 +288,19 @@ def rollback(
     )
     if before.env_master_removed:
         _out.print("services started without PLINGS_MASTER_KEY must be restarted with it")
+    if not wait:
+        return
+    urls = url or [settings.identifier_url]
+    took_s = _wait_for_env(urls, settings.identifier_ca_file, started)
+    if took_s is None:
+        _out.print(
+            f"the rollback is stored, but not every identifier API reported env within "
+            f"{WAIT_TIMEOUT_S:.0f} s: {', '.join(urls)}"
+        )
+        raise typer.Exit(EXIT_CHECK_FAILED)
+    _out.print(
+        f"{len(urls)} identifier API(s) serve env, {took_s * 1000:.0f} ms after the rollback"
+    )
 
 
 @app.command("validate")

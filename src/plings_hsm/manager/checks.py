@@ -190,7 +190,7 @@ def run_validate(
     checks: list[Check] = []
 
     def identifier_health() -> str:
-        with _client(settings.identifier_url, ca_file) as client:
+        with _client(settings.identifier_url, settings.identifier_ca_file) as client:
             response = client.get("/health")
         body = response.json()
         figures["identifier"] = body
@@ -225,7 +225,7 @@ def run_validate(
             "userId": "plings-hsm-validate",
         }
 
-        with _client(settings.identifier_url, ca_file) as client:
+        with _client(settings.identifier_url, settings.identifier_ca_file) as client:
             started = time.perf_counter()
             response = client.post(
                 "/api/derive-keys", json=body, headers={"Authorization": f"Bearer {key}"}

@@ -89,6 +89,14 @@ def _secrets(env: Mapping[str, str], name: str) -> tuple[Secret, ...]:
     return tuple(Secret(part.strip()) for part in env.get(name, "").split(",") if part.strip())
 
 
+def _first_path(env: Mapping[str, str], *names: str) -> Path | None:
+    for name in names:
+        raw = env.get(name, "").strip()
+        if raw:
+            return Path(raw)
+    return None
+
+
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
 
@@ -126,6 +134,7 @@ class ManagerSettings:
     identifier_host: str = "127.0.0.1"
     identifier_port: int = 8444
     identifier_url: str = "https://127.0.0.1:8444"
+    identifier_ca_file: Path | None = None
     env_files: tuple[Path, ...] = ()
 
     @classmethod
@@ -170,5 +179,8 @@ class ManagerSettings:
             identifier_port=identifier_port,
             identifier_url=env.get("PLINGS_IDENTIFIER_URL", "").strip()
             or f"https://{identifier_host}:{identifier_port}",
+            identifier_ca_file=_first_path(
+                env, "PLINGS_IDENTIFIER_CA_FILE", "PLINGS_TLS_CA", "HSM_CA_FILE"
+            ),
             env_files=tuple(Path(part) for part in _list(env, "PLINGS_ENV_FILES")),
         )
