@@ -73,6 +73,18 @@ class TestCors:
         assert response.json()["error"]["code"] == "cors_rejected"
         assert "Access-Control-Allow-Origin" not in response.headers
 
+    def test_preflights_budgeted(self, start_service: StartService) -> None:
+        svc = start_service(
+            allowed_origins=(APP_ORIGIN,),
+            budget_address_requests_per_minute=2,
+            clock=FakeClock(),
+        )
+        statuses = [
+            svc.client.options("/api/derive-keys", headers=_preflight(APP_ORIGIN)).status_code
+            for _ in range(3)
+        ]
+        assert statuses == [200, 200, 429]
+
     def test_wildcard_with_credentials_refused(self) -> None:
         with pytest.raises(ConfigError, match="'\\*' with PLINGS_CORS_ALLOW_CREDENTIALS"):
             ServiceConfig(allowed_origins=("*",), cors_allow_credentials=True)

@@ -166,11 +166,10 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
     )
     app.add_middleware(
         CorsMiddleware,
+        limiter=limiter,
+        address_budget=config.budget_address_requests_per_minute,
         allow_origins=config.allowed_origins,
-        allow_methods=("GET", "POST"),
-        allow_headers=("Authorization", "Content-Type", "Accept"),
         allow_credentials=config.cors_allow_credentials,
-        expose_headers=("X-Request-ID", "Retry-After"),
     )
     app.add_middleware(RequestContextMiddleware, config=config)
 

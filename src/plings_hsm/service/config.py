@@ -76,7 +76,7 @@ class ServiceConfig:
         budget_requests_per_minute: requests a minute of a key without its own budget.
         budget_keys_per_minute: keys derived or signed with a minute, same keys.
         budget_address_requests_per_minute: requests a minute of one client address
-            on the paths that need no key (``/health``).
+            to what needs no key: ``/health`` and CORS preflights.
         budget_auth_failures_per_minute: failed authentications a minute from one
             address; past it, every authenticated route returns 429 to that address.
         allowed_origins: browser origins CORS lets in; ``*`` only without credentials.

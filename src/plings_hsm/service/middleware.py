@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -476,13 +477,54 @@ class CorsMiddleware(CORSMiddleware):
     """Starlette's CORS middleware, returning the one error body for a rejected preflight.
 
     Allowed origins are echoed exactly with ``Vary: Origin``; other origins get no
-    ``Access-Control-Allow-Origin`` at all.
+    ``Access-Control-Allow-Origin`` at all. A preflight needs no key, so it costs one
+    request of the client address's budget, like ``/health``.
+
+    Args:
+        app: the next ASGI app.
+        limiter: the process's token buckets.
+        address_budget: requests a minute of one client address.
+        allow_origins: origins echoed in ``Access-Control-Allow-Origin``.
+        allow_credentials: send ``Access-Control-Allow-Credentials: true``.
     """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: RateLimiter,
+        address_budget: int,
+        allow_origins: Sequence[str],
+        allow_credentials: bool,
+    ) -> None:
+        super().__init__(
+            app,
+            allow_origins=allow_origins,
+            allow_methods=("GET", "POST"),
+            allow_headers=("Authorization", "Content-Type", "Accept"),
+            allow_credentials=allow_credentials,
+            expose_headers=("X-Request-ID", "Retry-After"),
+        )
+        self.limiter = limiter
+        self.address_budget = address_budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "OPTIONS":
             headers = Headers(scope=scope)
             if "origin" in headers and "access-control-request-method" in headers:
+                address = _state(scope)["client_address"]
+                charge = self.limiter.charge(f"address:{budget_key(address)}", self.address_budget)
+                if not charge.accepted:
+                    await _send_error(
+                        scope,
+                        receive,
+                        send,
+                        429,
+                        f"address {address} is over its budget of {self.address_budget} "
+                        f"requests a minute; retry after {charge.retry_after_s} s",
+                        code="rate_limited",
+                        headers={"Retry-After": str(charge.retry_after_s)},
+                    )
+                    return
                 response = self.preflight_response(request_headers=headers)
                 if response.status_code != 200:
                     response = self._rejected(scope, headers, response)
