@@ -52,6 +52,10 @@ class TestOpenApi:
     def test_bearer_declared(self, openapi: dict[str, Any], path: str) -> None:
         assert openapi["paths"][path]["post"]["security"] == [{"HTTPBearer": []}]
 
+    def test_retry_after_described(self, openapi: dict[str, Any]) -> None:
+        response = openapi["paths"]["/api/derive-keys"]["post"]["responses"]["429"]
+        assert "Retry-After" in response["headers"]
+
     def test_ndjson_described(self, openapi: dict[str, Any]) -> None:
         content = openapi["paths"]["/api/derive-keys"]["post"]["responses"]["200"]["content"]
         assert "application/x-ndjson" in content

@@ -52,7 +52,15 @@ def _error(description: str) -> dict[str, Any]:
 
 
 _COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
-    429: _error("Over a budget; `Retry-After` gives the seconds to wait"),
+    429: {
+        **_error("Over a budget; `Retry-After` gives the seconds to wait"),
+        "headers": {
+            "Retry-After": {
+                "description": "Whole seconds until the same request fits the budget",
+                "schema": {"type": "integer"},
+            }
+        },
+    },
     500: _error("Internal HSM error; the log has the rest under the requestId"),
 }
 
