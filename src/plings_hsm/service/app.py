@@ -181,7 +181,7 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
     )
     app.add_middleware(RequestContextMiddleware, config=config)
 
-    def charge_keys(client: ApiClient, quantity: int) -> None:
+    def charge_keys(request: Request, client: ApiClient, quantity: int) -> None:
         if quantity > client.keys_per_minute:
             raise InvalidRequestError(
                 f"quantity {quantity} is more than API key {client.name!r} may derive in a "
@@ -192,6 +192,7 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
         if not charge.accepted:
             log.warning(
                 "keys_rate_limited",
+                request_id=request.state.request_id,
                 key_name=client.name,
                 quantity=quantity,
                 retry_after_s=charge.retry_after_s,
@@ -231,7 +232,7 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
         check_instance_range(body.startInstance, body.quantity, config.quantity_max)
         wallet = config.default_wallet if body.walletVersion is None else body.walletVersion
         prefix = BatchPrefix(wallet, body.manufacturer, body.category, body.classId, body.batch)
-        charge_keys(client, body.quantity)
+        charge_keys(request, client, body.quantity)
 
         if wants_ndjson(request):
             keys_iter = backend.iter_keys(prefix, body.startInstance, body.quantity)
@@ -257,7 +258,7 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
             body.batch,
             body.instanceNumber,
         )
-        charge_keys(client, 1)
+        charge_keys(request, client, 1)
 
         signature = await run_in_threadpool(backend.sign, path, message)
         request.state.keys_derived = 1
