@@ -15,6 +15,7 @@ Every error the product raises on purpose derives from :class:`PlingsHsmError`::
     ├── TokenError                the PKCS#11 token could not do what was asked
     │   ├── Pkcs11ModuleError     the PKCS#11 module is missing or failed to load
     │   ├── TokenNotFoundError    no token carries the configured label
+    │   ├── DuplicateTokenError   more than one token carries the configured label
     │   ├── PinIncorrectError     the token rejected the PIN
     │   ├── TokenUnavailableError the token stopped answering
     │   ├── MasterObjectNotFoundError  no master object for a wallet label
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigError",
     "DerivationError",
     "DuplicateObjectError",
+    "DuplicateTokenError",
     "HsmServiceError",
     "InvalidPathError",
     "InvalidRequestError",
@@ -125,6 +127,10 @@ class Pkcs11ModuleError(TokenError):
 
 class TokenNotFoundError(TokenError):
     """No token carries the configured label."""
+
+
+class DuplicateTokenError(TokenError):
+    """More than one token carries the configured label."""
 
 
 class PinIncorrectError(TokenError):

@@ -22,6 +22,7 @@ import pkcs11.exceptions as p11
 import structlog
 
 from plings_hsm.errors import (
+    DuplicateTokenError,
     PinIncorrectError,
     Pkcs11ModuleError,
     TokenError,
@@ -61,7 +62,7 @@ def _find_token(lib: Any, token_label: str) -> Any:
 
     Raises:
         TokenNotFoundError: when no token carries the label.
-        TokenError: when more than one token carries it.
+        DuplicateTokenError: when more than one token carries it.
     """
     try:
         return lib.get_token(token_label=token_label)
@@ -70,7 +71,7 @@ def _find_token(lib: Any, token_label: str) -> Any:
             f"no token labelled {token_label!r}; run 'plings-hsm token init'"
         ) from exc
     except p11.MultipleTokensReturned as exc:
-        raise TokenError(
+        raise DuplicateTokenError(
             f"more than one token is labelled {token_label!r}; relabel or remove one"
         ) from exc
 
@@ -265,7 +266,7 @@ def read_token_info(module: Path, token_label: str) -> dict[str, Any]:
     Raises:
         Pkcs11ModuleError: when the module cannot be loaded.
         TokenNotFoundError: when no token carries the label.
-        TokenError: when more than one token carries the label.
+        DuplicateTokenError: when more than one token carries the label.
     """
 
     def read() -> dict[str, Any]:

@@ -55,7 +55,11 @@ class CliContext:
         if self.settings.softhsm2_conf is not None:
             conf = self.settings.softhsm2_conf
             if not conf.exists():
-                raise ConfigError(f"SOFTHSM2_CONF {conf} does not exist")
+                raise ConfigError(
+                    f"SOFTHSM2_CONF {conf} does not exist; create it with a "
+                    "'directories.tokendir = FOLDER' line, or unset SOFTHSM2_CONF to use "
+                    "the one under PLINGS_HSM_HOME"
+                )
         else:
             self.home.ensure()
             conf = self.home.softhsm_conf

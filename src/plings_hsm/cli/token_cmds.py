@@ -20,7 +20,7 @@ from plings_hsm.cli.context import output_console, value_table
 from plings_hsm.cli.exit_codes import EXIT_CHECK_FAILED
 from plings_hsm.core.path import INDEX_MAX
 from plings_hsm.core.seed import decode_master_key
-from plings_hsm.errors import PlingsHsmError
+from plings_hsm.errors import DuplicateTokenError, PlingsHsmError, TokenNotFoundError
 from plings_hsm.secrets import Secret
 
 __all__ = ["DoctorCheck", "run_doctor"]
@@ -179,7 +179,14 @@ def run_doctor() -> list[DoctorCheck]:
     try:
         conf = ctx.softhsm_conf()
     except PlingsHsmError as exc:
-        checks.append(DoctorCheck("softhsm2 config", False, str(exc), "set SOFTHSM2_CONF"))
+        checks.append(
+            DoctorCheck(
+                "softhsm2 config",
+                False,
+                str(exc),
+                "point SOFTHSM2_CONF at an existing config, or unset it",
+            )
+        )
         return checks
     checks.append(DoctorCheck("softhsm2 config", True, str(conf)))
     token_dir = _token_dir_of(conf)
@@ -195,7 +202,14 @@ def run_doctor() -> list[DoctorCheck]:
         info = read_token_info(module, label)
         checks.append(DoctorCheck("token by label", True, f"{label!r} serial {info['serial']}"))
     except PlingsHsmError as exc:
-        checks.append(DoctorCheck("token by label", False, str(exc), "run 'plings-hsm token init'"))
+        fix = (
+            "run 'plings-hsm token init'"
+            if isinstance(exc, TokenNotFoundError)
+            else "relabel or delete the extra token so one token carries the label"
+            if isinstance(exc, DuplicateTokenError)
+            else "check the module and SOFTHSM2_CONF"
+        )
+        checks.append(DoctorCheck("token by label", False, str(exc), fix))
         return checks
 
     backend: Pkcs11Backend | None = None
