@@ -16,6 +16,10 @@ as_root() {
 }
 
 debian_packages=(softhsm2 python3-venv ca-certificates)
+if [ -n "$extras" ]; then
+    # OpenSC's pkcs11-spy logs every PKCS#11 call; a test counts C_Login calls with it.
+    debian_packages+=(opensc-pkcs11)
+fi
 missing=()
 for package in "${debian_packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
