@@ -216,6 +216,34 @@ class TestStoreKeysOverHttps:
         assert cached.status_code == 200
         assert after.status_code == 401
 
+    def test_revoked_key_equal_to_configured_key(
+        self, start_service: StartService, key_store: ApiKeyStore
+    ) -> None:
+        _, key = key_store.create("identifier-api")
+        clock = FakeClock()
+        svc = start_service(key_store=key_store, clock=clock, api_keys=(key,))
+        headers = auth(key.reveal_text())
+        before = svc.client.post("/api/derive-keys", headers=headers, json=derive_body())
+        key_store.revoke("identifier-api")
+        clock.advance(STORE_KEY_CACHE_S)
+        after = svc.client.post("/api/derive-keys", headers=headers, json=derive_body())
+        assert before.status_code == 200
+        assert after.status_code == 401
+
+    def test_store_key_keeps_own_budget(
+        self, start_service: StartService, key_store: ApiKeyStore
+    ) -> None:
+        _, key = key_store.create("identifier-api", requests_per_minute=1)
+        svc = start_service(key_store=key_store, api_keys=(key,))
+        headers = auth(key.reveal_text())
+        with structlog.testing.capture_logs() as events:
+            first = svc.client.post("/api/derive-keys", headers=headers, json=derive_body())
+            second = svc.client.post("/api/derive-keys", headers=headers, json=derive_body())
+            completed = events_named(events, "request_completed", count=2)
+        assert first.status_code == 200
+        assert second.status_code == 429
+        assert completed[0]["key_name"] == "identifier-api"
+
     def test_budget_change_applies(
         self, start_service: StartService, key_store: ApiKeyStore
     ) -> None:

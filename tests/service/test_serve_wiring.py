@@ -181,3 +181,20 @@ class TestServeWiring:
         )
         assert completed.returncode == 3
         assert "no API key" in completed.stderr
+
+    def test_store_format_hsm_api_key_exits_3(self, serve_env: dict[str, str]) -> None:
+        store = Store(serve_env["PLINGS_DATABASE_URL"])
+        _, key = ApiKeyStore(store).create("identifier-api")
+        store.close()
+        completed = subprocess.run(
+            [*CLI, "serve"],
+            env={**serve_env, "HSM_API_KEY": key.reveal_text()},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert completed.returncode == 3
+        assert "HSM_API_KEY starts with 'plk_'" in completed.stderr
+        assert key.reveal_text() not in completed.stderr
+        assert key.reveal_text() not in completed.stdout

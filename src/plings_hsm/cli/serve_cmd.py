@@ -21,7 +21,11 @@ from plings_hsm.core.seed import decode_master_key
 from plings_hsm.errors import ConfigError
 from plings_hsm.logs import configure_logging
 from plings_hsm.service.app import create_app
-from plings_hsm.service.config import ServiceConfig, service_config_from_env
+from plings_hsm.service.config import (
+    ServiceConfig,
+    check_configured_key,
+    service_config_from_env,
+)
 from plings_hsm.service.server import ServiceServer, tls_config
 from plings_hsm.service.tls import TlsFiles, ensure_local_tls
 from plings_hsm.store.api_keys import ApiKeyStore
@@ -73,6 +77,7 @@ def _service_config(ctx: CliContext) -> ServiceConfig:
         configured = ctx.api_keys()
     except ConfigError:
         configured = ()
+    configured = tuple(check_configured_key("HSM_API_KEY", key) for key in configured)
     if ctx.settings.database_url is None:
         ctx.home.ensure()
     key_store = ApiKeyStore(Store(ctx.settings.store_url()))

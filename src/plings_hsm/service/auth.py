@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from plings_hsm.secrets import Secret
 from plings_hsm.service.config import ServiceConfig
-from plings_hsm.store.api_keys import ApiKeyStore
+from plings_hsm.store.api_keys import ApiKeyStore, has_store_key_prefix
 
 __all__ = [
     "LAST_USED_INTERVAL_S",
@@ -63,9 +63,12 @@ def bearer_token(authorization: str | None) -> bytes | None:
 class Authenticator:
     """Find the client a bearer token belongs to.
 
-    Configured keys (HSM_API_KEY) are compared by SHA-256 digest in constant time, every
-    one of them on every request. Store keys are found by their public key id and
-    compared by digest, then remembered for STORE_KEY_CACHE_S under that digest.
+    A token that starts with ``plk_`` is judged by the store alone, so revoking a store
+    key takes effect even if a configured key has the same text, and the key's own
+    budget applies. Other tokens are compared with the configured keys (HSM_API_KEY) by
+    SHA-256 digest in constant time, every one of them on every request. Store keys are
+    found by their public key id and compared by digest, then remembered for
+    STORE_KEY_CACHE_S under that digest.
 
     Args:
         config: the service configuration with the configured keys, the store and the
@@ -109,11 +112,11 @@ class Authenticator:
         if token is None:
             return None
         presented = hashlib.sha256(token).digest()
-        found: ApiClient | None = None
-        for digest, client in self._static:
-            if hmac.compare_digest(digest, presented):
-                found = client
-        if found is not None:
+        if not has_store_key_prefix(token):
+            found: ApiClient | None = None
+            for digest, client in self._static:
+                if hmac.compare_digest(digest, presented):
+                    found = client
             return found
 
         # A dictionary lookup by the SHA-256 of the token: its timing depends on digest

@@ -12,7 +12,12 @@ from plings_hsm.errors import ConfigError
 from plings_hsm.secrets import Secret
 from plings_hsm.service.client_address import IPNetwork, ProxyHeader, parse_networks
 from plings_hsm.settings import QUANTITY_MAX_DEFAULT
-from plings_hsm.store.api_keys import BUDGET_MAX_PER_MINUTE, ApiKeyStore
+from plings_hsm.store.api_keys import (
+    API_KEY_PREFIX,
+    BUDGET_MAX_PER_MINUTE,
+    ApiKeyStore,
+    has_store_key_prefix,
+)
 
 __all__ = [
     "AUTH_FAILURES_PER_MINUTE_DEFAULT",
@@ -22,6 +27,7 @@ __all__ = [
     "KEYS_PER_MINUTE_DEFAULT",
     "REQUESTS_PER_MINUTE_DEFAULT",
     "ServiceConfig",
+    "check_configured_key",
     "service_config_from_env",
 ]
 
@@ -124,6 +130,24 @@ class ServiceConfig:
                 raise ConfigError(f"{name} {value} is out of range; it must be at least 1")
         if not self.body_timeout_s > 0:
             raise ConfigError(f"body_timeout_s {self.body_timeout_s} must be more than 0")
+
+
+def check_configured_key(name: str, key: Secret) -> Secret:
+    """Check a configured API key such as HSM_API_KEY and return it.
+
+    Messages name the variable and never the value.
+
+    Raises:
+        ConfigError: when the key starts like a store key (``plk_``), which the service
+            would judge by the store alone.
+    """
+    if has_store_key_prefix(key.reveal()):
+        raise ConfigError(
+            f"{name} starts with '{API_KEY_PREFIX}_' like a key from 'plings-hsm apikey create'; "
+            f"such keys are checked against the state store only, so set {name} to a key "
+            "of its own"
+        )
+    return key
 
 
 def _int_setting(environ: Mapping[str, str], name: str, default: int, high: int) -> int:

@@ -24,6 +24,7 @@ __all__ = [
     "ApiKeyRecord",
     "ApiKeyRow",
     "ApiKeyStore",
+    "has_store_key_prefix",
 ]
 
 log = structlog.get_logger(__name__)
@@ -45,6 +46,15 @@ BUDGET_MAX_PER_MINUTE = 100_000_000
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _KEY_RE = re.compile(rb"plk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+_KEY_PREFIX_BYTES = f"{API_KEY_PREFIX}_".encode("ascii")
+
+
+def has_store_key_prefix(key: bytes) -> bool:
+    """Tell whether ``key`` starts like a stored API key (``plk_``).
+
+    Such a key is judged by the store alone, so no configured key may look like one.
+    """
+    return key.startswith(_KEY_PREFIX_BYTES)
 
 
 class ApiKeyRow(Base):
