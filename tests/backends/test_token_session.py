@@ -246,7 +246,7 @@ class TestWrongPin:
             "PLINGS_PKCS11_MODULE": str(SPY_MODULE),
             "PKCS11SPY": str(session_token.module),
             "PKCS11SPY_OUTPUT": str(spy_log),
-            "HSM_API_KEY": "token-session-test-api-key",
+            "HSM_API_KEY": "token-session-test-api-key-0123456789",
             "PLINGS_HSM_PORT": str(free_port),
         }
         completed = run_cli(["serve"], env)

@@ -42,7 +42,7 @@ from plings_hsm.secrets import Secret
 CLI = Path(sys.executable).with_name("plings-hsm")
 CLI_TIMEOUT_S = 60
 CLI_TOKEN_LABEL = "cli-test"
-API_KEY = "cli-test-api-key-93d0c1"
+API_KEY = "cli-test-api-key-93d0c1-0123456789abcdef"
 OTHER_SEED = hashlib.sha256(b"cli other seed").digest()
 OTHER_MASTER_KEY = base58.b58encode(OTHER_SEED).decode("ascii")
 

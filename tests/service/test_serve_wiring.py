@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -198,3 +199,69 @@ class TestServeWiring:
         assert "HSM_API_KEY starts with 'plk_'" in completed.stderr
         assert key.reveal_text() not in completed.stderr
         assert key.reveal_text() not in completed.stdout
+
+    @pytest.mark.parametrize(
+        ("value", "length"),
+        [("a", 1), (" ", 0), ("x" * 31, 31), (" " + "y" * 30 + " ", 30)],
+    )
+    def test_short_hsm_api_key_exits_3(
+        self, serve_env: dict[str, str], value: str, length: int
+    ) -> None:
+        completed = subprocess.run(
+            [*CLI, "serve"],
+            env={**serve_env, "HSM_API_KEY": value},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert completed.returncode == 3
+        assert f"HSM_API_KEY is {length} characters" in completed.stderr
+        assert "the minimum is 32" in completed.stderr
+
+    def test_hsm_api_key_with_space_exits_3(self, serve_env: dict[str, str]) -> None:
+        value = "z" * 20 + " inner-space " + "z" * 20
+        completed = subprocess.run(
+            [*CLI, "serve"],
+            env={**serve_env, "HSM_API_KEY": value},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert completed.returncode == 3
+        assert "HSM_API_KEY (53 characters) contains whitespace" in completed.stderr
+        assert value not in completed.stderr
+
+    def test_strong_hsm_api_key_stripped(self, serve_env: dict[str, str], tmp_path: Path) -> None:
+        key = "k" * 40
+        env = {**serve_env, "HSM_API_KEY": f"  {key}\n"}
+        process = subprocess.Popen(
+            [*CLI, "serve"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        url = f"https://127.0.0.1:{serve_env['PLINGS_HSM_PORT']}"
+        ca = tmp_path / "home" / "tls" / "ca.pem"
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        status = 0
+        try:
+            while status == 0 and process.poll() is None and time.monotonic() < deadline:
+                if ca.exists():
+                    with contextlib.suppress(httpx.HTTPError):
+                        status = httpx.post(
+                            f"{url}/api/derive-keys",
+                            headers={"Authorization": f"Bearer {key}"},
+                            json=derive_body(),
+                            verify=ssl.create_default_context(cafile=str(ca)),
+                            timeout=5,
+                        ).status_code
+                time.sleep(0.1)
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=30)
+        assert status == 200

@@ -220,7 +220,7 @@ def demo() -> None:
 
 def _serve_and_compare(ctx: CliContext, backend: Pkcs11Backend, env_backend: EnvBackend) -> int:
     tls = _tls_files(ctx)
-    api_key = ctx.api_keys()[0]
+    api_key = check_configured_key("HSM_API_KEY", ctx.api_keys()[0])
     server_app = create_app(
         backend,
         ServiceConfig(

@@ -20,6 +20,7 @@ from plings_hsm.store.api_keys import (
 )
 
 __all__ = [
+    "API_KEY_MIN_CHARS",
     "AUTH_FAILURES_PER_MINUTE_DEFAULT",
     "BODY_MAX_BYTES_DEFAULT",
     "BODY_TIMEOUT_S_DEFAULT",
@@ -30,6 +31,9 @@ __all__ = [
     "check_configured_key",
     "service_config_from_env",
 ]
+
+API_KEY_MIN_CHARS = 32
+"""Shortest configured API key, in characters after stripping surrounding whitespace."""
 
 REQUESTS_PER_MINUTE_DEFAULT = 100
 """Requests a minute per API key, and per address on the paths that need no key."""
@@ -133,21 +137,37 @@ class ServiceConfig:
 
 
 def check_configured_key(name: str, key: Secret) -> Secret:
-    """Check a configured API key such as HSM_API_KEY and return it.
+    """Check a configured API key such as HSM_API_KEY and return it stripped.
 
-    Messages name the variable and never the value.
+    A key needs API_KEY_MIN_CHARS printable ASCII characters after surrounding whitespace
+    is stripped, and no whitespace inside, because clients strip the bearer token too.
+    Messages name the variable and the length, never the value.
 
     Raises:
-        ConfigError: when the key starts like a store key (``plk_``), which the service
-            would judge by the store alone.
+        ConfigError: when the key is too short, contains a byte outside printable ASCII,
+            or starts like a store key (``plk_``), which the service judges by the store
+            alone.
     """
-    if has_store_key_prefix(key.reveal()):
+    stripped = key.reveal().strip()
+    if len(stripped) < API_KEY_MIN_CHARS:
+        raise ConfigError(
+            f"{name} is {len(stripped)} characters after stripping whitespace; the minimum is "
+            f"{API_KEY_MIN_CHARS}. Generate one with: python3 -c "
+            "'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    for position, byte in enumerate(stripped):
+        if not 0x21 <= byte <= 0x7E:
+            raise ConfigError(
+                f"{name} ({len(stripped)} characters) contains whitespace or a byte outside "
+                f"printable ASCII at position {position}; use letters, digits and punctuation"
+            )
+    if has_store_key_prefix(stripped):
         raise ConfigError(
             f"{name} starts with '{API_KEY_PREFIX}_' like a key from 'plings-hsm apikey create'; "
             f"such keys are checked against the state store only, so set {name} to a key "
             "of its own"
         )
-    return key
+    return Secret(stripped)
 
 
 def _int_setting(environ: Mapping[str, str], name: str, default: int, high: int) -> int:
