@@ -23,6 +23,7 @@ Every error the product raises on purpose derives from :class:`PlingsHsmError`::
     │   └── MasterMismatchError   the token holds a different master under that label
     ├── StoreError                the state store failed
     ├── HsmServiceError           the HSM service failed, timed out or could not be reached
+    │   └── FingerprintMismatchError  the HSM service holds another master than expected
     ├── KeySourceUnavailableError no configured key source may serve in the current mode
     └── MigrationStateError       a migration command is not allowed in the current state
 
@@ -38,6 +39,7 @@ __all__ = [
     "DerivationError",
     "DuplicateObjectError",
     "DuplicateTokenError",
+    "FingerprintMismatchError",
     "HsmServiceError",
     "InvalidPathError",
     "InvalidRequestError",
@@ -159,6 +161,10 @@ class StoreError(PlingsHsmError):
 
 class HsmServiceError(PlingsHsmError):
     """The HSM service failed, timed out or could not be reached."""
+
+
+class FingerprintMismatchError(HsmServiceError):
+    """The HSM service's wallet fingerprint differs from the expected fingerprint."""
 
 
 class MigrationStateError(PlingsHsmError):

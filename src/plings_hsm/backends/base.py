@@ -97,6 +97,10 @@ class KeyBackend(abc.ABC):
                 return info.fingerprint
         raise WalletNotFoundError(f"walletVersion {wallet} not found on the {self.name} backend")
 
+    def last_peer(self) -> str | None:
+        """Return an id of the server that answered this thread's last call, if remote."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - most backends have nothing to release
         """Release what the backend holds."""
 

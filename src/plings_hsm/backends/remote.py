@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +73,28 @@ def _decode_public_key(text: object, hd_path: str) -> bytes:
     return raw
 
 
+def _peer_of(response: httpx.Response) -> str | None:
+    """Return ``address:port/certificate digest`` of the server that sent ``response``.
+
+    A different value means another server (or a restarted one with a new certificate)
+    answered, so a fingerprint verified against the previous server no longer applies.
+    """
+    stream = response.extensions.get("network_stream")
+    if stream is None:
+        return None
+    try:
+        ssl_object = stream.get_extra_info("ssl_object")
+        address = stream.get_extra_info("server_addr")
+        # ssl.SSLSocket takes binary_form as a keyword, the C-level _SSLSocket positionally.
+        certificate = ssl_object.getpeercert(True) if ssl_object is not None else None
+    except (OSError, AttributeError, ValueError, TypeError):
+        return None
+    digest = hashlib.sha256(certificate).hexdigest()[:16] if certificate else "-"
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}/{digest}"
+    return digest
+
+
 def _error_of(response: httpx.Response) -> tuple[str, str | None]:
     try:
         body = response.json()
@@ -133,6 +157,7 @@ class RemoteBackend(KeyBackend):
         self._api_key = api_key
         self._retries = retries
         self._backoff_s = backoff_s
+        self._calls = threading.local()
         verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         self._client = httpx.Client(
             base_url=self.endpoint,
@@ -145,6 +170,14 @@ class RemoteBackend(KeyBackend):
 
     def __repr__(self) -> str:
         return f"RemoteBackend(endpoint={self.endpoint!r})"
+
+    def last_peer(self) -> str | None:
+        """Return ``address:port/certificate digest`` of the server of this thread's last call."""
+        peer: str | None = getattr(self._calls, "peer", None)
+        return peer
+
+    def _note_peer(self, response: httpx.Response) -> None:
+        self._calls.peer = _peer_of(response)
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key.reveal_text()}"}
@@ -165,6 +198,7 @@ class RemoteBackend(KeyBackend):
             response = self._client.post(route, json=body, headers=self._headers())
         except httpx.TransportError as exc:
             raise _RetryableError(type(exc).__name__) from exc
+        self._note_peer(response)
         if response.status_code >= 500:
             raise _RetryableError(f"status {response.status_code}")
         if response.status_code >= 400:
@@ -266,6 +300,7 @@ class RemoteBackend(KeyBackend):
 
     def _health_body(self) -> tuple[int, dict[str, Any]]:
         response = self._client.get("/health")
+        self._note_peer(response)
         body = response.json()
         if not isinstance(body, dict):
             raise ValueError("health body is not an object")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -139,6 +140,28 @@ def _state_body(manager: KeyManager) -> dict[str, object]:
     }
 
 
+def _fingerprint_mismatch(
+    manager: KeyManager, hsm_health: BackendHealth | None, wallet: int
+) -> dict[str, object] | None:
+    """Return the wallet and both fingerprints when the HSM shows another than expected."""
+    expected = manager.expected_fingerprint(wallet)
+    verdict = manager.fingerprint_verdict(wallet)
+    actual = None
+    if hsm_health is not None:
+        actual = next(
+            (info.fingerprint for info in hsm_health.wallets if info.version == wallet), None
+        )
+    if actual is None and verdict is not None:
+        actual = verdict.actual
+    if (
+        expected is None
+        or actual is None
+        or hmac.compare_digest(expected.encode(), actual.encode())
+    ):
+        return None
+    return {"walletVersion": wallet, "expected": expected, "hsm": actual}
+
+
 def _install_unavailable_handlers(app: FastAPI) -> None:
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         log.warning(
@@ -237,14 +260,21 @@ def create_identifier_app(
         hsm_ok = hsm_health is not None and hsm_health.ok
         # env and dual serve from the env master; hsm serves from the HSM or falls back.
         ok = manager.env_available or (state.mode == "hsm" and hsm_ok)
+        mismatch = _fingerprint_mismatch(manager, hsm_health, config.default_wallet)
+        status = "ok" if ok else "unavailable"
+        if mismatch is not None and state.mode != "env":
+            # The HSM holds another master: never report ready while it may serve.
+            ok = False
+            status = "fingerprint_mismatch"
         body = {
-            "status": "ok" if ok else "unavailable",
+            "status": status,
             **_state_body(manager),
             "envMasterLoaded": manager.env_available,
             "envMasterConfigured": config.env_master_configured,
             "hsm": {
                 "configured": hsm is not None,
                 "reachable": hsm_ok,
+                "fingerprintMismatch": mismatch,
                 "wallets": [wallet.to_wire() for wallet in hsm_health.wallets]
                 if hsm_health
                 else [],

@@ -93,6 +93,7 @@ def build_identifier(
         metrics=metrics,
         notifier=notifier,
         instance=instance,
+        default_wallet=settings.default_wallet,
     )
     runbook = Runbook(store, settings, notifier, actor=f"admin-api:{instance}")
     admin_keys = (settings.admin_api_key,) if settings.admin_api_key is not None else ()

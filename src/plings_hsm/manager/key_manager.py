@@ -15,6 +15,7 @@ from plings_hsm.core.batch import DerivedKey
 from plings_hsm.core.path import BatchPrefix
 from plings_hsm.errors import (
     ConfigError,
+    FingerprintMismatchError,
     HsmServiceError,
     InvalidPathError,
     InvalidRequestError,
@@ -26,7 +27,7 @@ from plings_hsm.errors import (
 from plings_hsm.manager.config import KeyManagementMode, parse_mode
 from plings_hsm.manager.metrics import ManagerMetrics
 from plings_hsm.manager.migration import roll_back
-from plings_hsm.manager.notify import Notifier
+from plings_hsm.manager.notify import MigrationNotice, Notifier
 from plings_hsm.manager.rollout import Rollout
 from plings_hsm.store.audit import record_audit
 from plings_hsm.store.db import Store
@@ -41,7 +42,7 @@ from plings_hsm.store.migration import (
     record_requests,
 )
 
-__all__ = ["KeyManager", "ServedKeys"]
+__all__ = ["FINGERPRINT_TTL_S", "FingerprintVerdict", "KeyManager", "ServedKeys"]
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +58,9 @@ CIRCUIT_FAILURES = 5
 CIRCUIT_OPEN_S = 2.0
 """Pause of HSM calls after CIRCUIT_FAILURES failures; then one call tries again."""
 
+FINGERPRINT_TTL_S = 10.0
+"""How long a verified HSM wallet fingerprint is trusted before the HSM's /health is read again."""
+
 _CLIENT_ERRORS = (InvalidRequestError, InvalidPathError, WalletNotFoundError)
 
 
@@ -70,6 +74,26 @@ class ServedKeys:
 
     keys: list[DerivedKey]
     source: str
+
+
+@dataclass(frozen=True, slots=True)
+class FingerprintVerdict:
+    """The HSM's wallet fingerprint compared with the expected one, and when it was read.
+
+    ``peer`` is the server that answered the /health read (``address:port/certificate
+    digest``), ``checked_at`` a ``time.monotonic()`` value.
+    """
+
+    wallet: int
+    expected: str
+    actual: str
+    peer: str | None
+    checked_at: float
+
+    @property
+    def matches(self) -> bool:
+        """Whether both fingerprints are equal, compared in constant time."""
+        return hmac.compare_digest(self.expected.encode(), self.actual.encode())
 
 
 def _b58(raw: bytes) -> str:
@@ -113,6 +137,7 @@ class KeyManager:
         metrics: where to count requests; None counts nothing.
         notifier: receivers of automatic rollback notices.
         instance: name of this service instance in audit rows.
+        default_wallet: the wallet whose fingerprint ``migrate start`` recorded in the state.
     """
 
     def __init__(
@@ -126,6 +151,7 @@ class KeyManager:
         metrics: ManagerMetrics | None = None,
         notifier: Notifier | None = None,
         instance: str = "identifier",
+        default_wallet: int = 1,
     ) -> None:
         if env_backend is None and hsm_backend is None:
             raise ConfigError("the key manager needs PLINGS_MASTER_KEY, HSM_ENDPOINT or both")
@@ -145,6 +171,9 @@ class KeyManager:
         self._circuit_open_until = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._default_wallet = default_wallet
+        self._verdicts: dict[int, FingerprintVerdict] = {}
+        self._reported_mismatches: set[tuple[int, str]] = set()
 
         state = load_state(store)
         if state is None:
@@ -205,7 +234,8 @@ class KeyManager:
         return True
 
     def start(self) -> None:
-        """Follow the state and flush request records every poll interval, in a daemon thread."""
+        """Verify the HSM's fingerprint, then follow the state and flush records in a thread."""
+        self._check_fingerprint_on_poll(force=True)
         self._stop.clear()
         self._thread = threading.Thread(target=self._follow, name="key-manager", daemon=True)
         self._thread.start()
@@ -217,6 +247,7 @@ class KeyManager:
                 self.refresh()
             except StoreError as exc:
                 log.warning("state_refresh_failed", instance=self.instance, error=str(exc))
+            self._check_fingerprint_on_poll()
             self.flush()
 
     def stop(self) -> None:
@@ -234,6 +265,169 @@ class KeyManager:
         for backend in (self._env, self._hsm):
             if backend is not None:
                 backend.close()
+
+    # Fingerprints ----------------------------------------------------------------------
+
+    def expected_fingerprint(self, wallet: int) -> str | None:
+        """Return the fingerprint the HSM must show for ``wallet``, or None when unknown.
+
+        The env master's fingerprint wins while this process holds the env master; else
+        the fingerprint stored at ``migrate start`` applies to the default wallet.
+        """
+        env = self._env
+        if env is not None:
+            try:
+                return env.wallet_fingerprint(wallet)
+            except PlingsHsmError:
+                pass  # no env master for this wallet; the stored fingerprint may apply
+        stored = self._state.expected_fingerprint
+        if wallet == self._default_wallet and stored:
+            return stored
+        return None
+
+    def fingerprint_verdict(self, wallet: int) -> FingerprintVerdict | None:
+        """Return the latest fingerprint comparison of ``wallet``, or None before the first."""
+        with self._lock:
+            return self._verdicts.get(wallet)
+
+    def verify_hsm_fingerprint(
+        self, wallet: int, *, force: bool = False, peer: str | None = None
+    ) -> FingerprintVerdict:
+        """Compare the HSM's fingerprint of ``wallet`` with the expected one.
+
+        A verdict is reused for FINGERPRINT_TTL_S unless ``force`` is set, the expected
+        fingerprint changed, or ``peer`` names another server than the one read. A new
+        mismatch is logged, recorded, audited and posted, and rolls back as a dual mismatch.
+
+        Raises:
+            FingerprintMismatchError: when no expected fingerprint is known for ``wallet``.
+            HsmServiceError: when the HSM's /health cannot be read or lacks ``wallet``.
+        """
+        expected = self.expected_fingerprint(wallet)
+        if expected is None:
+            raise FingerprintMismatchError(
+                f"no expected fingerprint for wallet {wallet}: this service holds no env "
+                "master for it and the state records none; HSM keys are not served"
+            )
+        cached = self.fingerprint_verdict(wallet)
+        fresh = (
+            cached is not None
+            and not force
+            and cached.expected == expected
+            and time.monotonic() - cached.checked_at < FINGERPRINT_TTL_S
+            and (peer is None or cached.peer is None or peer == cached.peer)
+        )
+        if cached is not None and fresh:
+            return cached
+
+        hsm = self._hsm
+        if hsm is None:
+            raise HsmServiceError("HSM_ENDPOINT is not configured in this service")
+        actual = next((info.fingerprint for info in hsm.wallets() if info.version == wallet), None)
+        if actual is None:
+            raise HsmServiceError(f"the HSM service reports no wallet {wallet} on /health")
+        verdict = FingerprintVerdict(wallet, expected, actual, hsm.last_peer(), time.monotonic())
+        with self._lock:
+            self._verdicts[wallet] = verdict
+        if verdict.matches:
+            return verdict
+        self._on_fingerprint_mismatch(verdict)
+        return verdict
+
+    def _require_verified(self, wallet: int, peer: str | None = None) -> None:
+        verdict = self.verify_hsm_fingerprint(wallet, peer=peer)
+        if peer is not None and verdict.peer is not None and peer != verdict.peer:
+            # /health was answered by another server than the derive call; trust neither.
+            raise HsmServiceError(
+                f"the HSM derive call and /health were answered by different servers "
+                f"({peer} and {verdict.peer})"
+            )
+        if not verdict.matches:
+            raise FingerprintMismatchError(
+                f"the HSM service's fingerprint of wallet {wallet} is {verdict.actual}; "
+                f"expected {verdict.expected}"
+            )
+
+    def _check_fingerprint_on_poll(self, *, force: bool = False) -> None:
+        """Re-read the HSM's fingerprint when the cached one expired, while the HSM may serve."""
+        if self._hsm is None or self._mode(self._state) is KeyManagementMode.ENV:
+            return
+        try:
+            self.verify_hsm_fingerprint(self._default_wallet, force=force)
+        except HsmServiceError as exc:
+            log.warning(
+                "fingerprint_check_failed",
+                instance=self.instance,
+                wallet=self._default_wallet,
+                error=str(exc),
+            )
+
+    def _on_fingerprint_mismatch(self, verdict: FingerprintVerdict) -> None:
+        """Log, record, audit and post a mismatch once; roll back while the env master is held."""
+        key = (verdict.wallet, verdict.actual)
+        with self._lock:
+            if key in self._reported_mismatches:
+                return
+            self._reported_mismatches.add(key)
+        state = self._state
+        log.error(
+            "hsm_fingerprint_mismatch",
+            instance=self.instance,
+            wallet=verdict.wallet,
+            expected_fingerprint=verdict.expected,
+            hsm_fingerprint=verdict.actual,
+            peer=verdict.peer,
+            step=state.step,
+        )
+        reason = (
+            f"the HSM service's fingerprint of wallet {verdict.wallet} is {verdict.actual}; "
+            f"expected {verdict.expected}"
+        )
+        try:
+            record_mismatch(
+                self.store,
+                MismatchRecord(
+                    at=time.time(),
+                    step_number=state.step_number,
+                    step=state.step,
+                    request_id="",
+                    hd_path=f"m/44'/501'/{verdict.wallet}'",
+                    env_public_key=verdict.expected,
+                    hsm_public_key=verdict.actual,
+                ),
+            )
+            record_audit(
+                self.store,
+                actor=f"key-manager:{self.instance}",
+                action="hsm_fingerprint_mismatch",
+                subject=f"wallet {verdict.wallet}",
+                old_value=verdict.expected,
+                new_value=verdict.actual,
+                detail=reason,
+            )
+        except StoreError as exc:
+            log.error("mismatch_record_failed", instance=self.instance, error=str(exc))
+        if self._env is None or state.env_master_removed:
+            # Without the env master a rollback cannot serve; requests get 503 instead.
+            if self._notifier is not None:
+                self._notifier.send(
+                    MigrationNotice(
+                        "hsm fingerprint mismatch",
+                        f"key-manager:{self.instance}",
+                        state.step,
+                        state.step,
+                        f"{reason}; HSM keys are not served and requests get 503",
+                    )
+                )
+            return
+        with self._lock:
+            if self._state.version == state.version and state.mode != KeyManagementMode.ENV:
+                self._state = replace(
+                    state, mode=KeyManagementMode.ENV.value, percentage=0, step="env"
+                )
+        threading.Thread(
+            target=self._roll_back_everywhere, args=(reason,), name="mismatch-rollback", daemon=True
+        ).start()
 
     # Records ---------------------------------------------------------------------------
 
@@ -343,6 +537,10 @@ class KeyManager:
                 self._metrics.hsm_latency.observe(time.perf_counter() - started)
         self._count_hsm_success()
         return keys, (time.perf_counter() - started) * 1000
+
+    def _hsm_peer(self) -> str | None:
+        hsm = self._hsm
+        return hsm.last_peer() if hsm is not None else None
 
     def _count_hsm_failure(self) -> None:
         with self._lock:
@@ -477,9 +675,19 @@ class KeyManager:
         self, state: MigrationState, prefix: BatchPrefix, start: int, quantity: int, request_id: str
     ) -> ServedKeys:
         try:
+            self._require_verified(prefix.wallet)
             keys, latency_ms = self._timed_hsm(prefix, start, quantity)
+            # A response from another server than the verified one is re-verified first.
+            self._require_verified(prefix.wallet, peer=self._hsm_peer())
         except _CLIENT_ERRORS:
             raise
+        except FingerprintMismatchError as exc:
+            if self._env is None or state.env_master_removed:
+                log.error("hsm_keys_withheld", request_id=request_id, wallet=prefix.wallet)
+                raise
+            keys = self._env_keys(prefix, start, quantity, KeyManagementMode.HSM)
+            self._on_fallback(state, exc, request_id, quantity)
+            return ServedKeys(keys, "env")
         except Exception as exc:  # every HSM failure is a fallback candidate
             if not self._fallback_allowed(state):
                 log.warning("hsm_request_failed", request_id=request_id, error=type(exc).__name__)
