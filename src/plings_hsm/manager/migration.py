@@ -16,7 +16,9 @@ from plings_hsm.manager.rollout import PERCENTAGE_MAX
 from plings_hsm.store.audit import record_audit
 from plings_hsm.store.db import Store
 from plings_hsm.store.migration import (
+    CHANGE_ATTEMPTS,
     MigrationState,
+    StateChangedError,
     change_state,
     ensure_state,
     latest_gate_readings,
@@ -109,6 +111,25 @@ def roll_back(
     Raises:
         MigrationStateError: after ``remove-env-master`` without a matching env master.
     """
+    for _attempt in range(CHANGE_ATTEMPTS):
+        try:
+            return _roll_back_once(store, actor, reason, notifier, master_fingerprint, automatic)
+        except StateChangedError:
+            # Rollback is allowed from every step, so its checks run again on the new state.
+            continue
+    raise MigrationStateError(
+        f"the migration state kept changing; rollback failed after {CHANGE_ATTEMPTS} attempts"
+    )
+
+
+def _roll_back_once(
+    store: Store,
+    actor: str,
+    reason: str,
+    notifier: Notifier | None,
+    master_fingerprint: str | None,
+    automatic: bool,
+) -> tuple[MigrationState, MigrationState]:
     state = load_state(store)
     if state is None:
         raise MigrationStateError("no migration state stored; nothing to roll back")
@@ -142,6 +163,7 @@ def roll_back(
         changes=changes,
         detail=reason,
         new_step=True,
+        expected_version=state.version,
     )
     log.warning(
         "migration_rolled_back",
@@ -204,8 +226,14 @@ class Runbook:
         return open_state(self.store, self.settings, self.actor)
 
     def _change(
-        self, action: str, changes: dict[str, object], detail: str = "", new_step: bool = True
+        self,
+        checked: MigrationState,
+        action: str,
+        changes: dict[str, object],
+        detail: str = "",
+        new_step: bool = True,
     ) -> MigrationState:
+        """Write ``changes`` only while the stored state is still ``checked``."""
         before, after = change_state(
             self.store,
             actor=self.actor,
@@ -213,6 +241,7 @@ class Runbook:
             changes=changes,
             detail=detail,
             new_step=new_step,
+            expected_version=checked.version,
         )
         log.info("migration_state_changed", action=action, actor=self.actor, step=after.step)
         self.notifier.send(
@@ -233,6 +262,7 @@ class Runbook:
                 "Run 'plings-hsm rollback' first to start over"
             )
         return self._change(
+            state,
             "migration_started",
             {
                 "mode": KeyManagementMode.DUAL.value,
@@ -266,12 +296,15 @@ class Runbook:
             raise MigrationStateError(
                 f"--to {to} is out of range; allowed {state.percentage + 1} to {PERCENTAGE_MAX}"
             )
-        return self._change("rollout_advanced", {"percentage": to, "step": _dual_step(to)})
+        return self._change(state, "rollout_advanced", {"percentage": to, "step": _dual_step(to)})
 
     def set_whitelist(self, user_ids: tuple[str, ...]) -> MigrationState:
         """Replace the rollout whitelist; the step and its records stay."""
         return self._change(
-            "whitelist_changed", {"whitelist": tuple(sorted(set(user_ids)))}, new_step=False
+            self.status(),
+            "whitelist_changed",
+            {"whitelist": tuple(sorted(set(user_ids)))},
+            new_step=False,
         )
 
     def rollback(self, reason: str, master_fingerprint: str | None = None) -> MigrationState:
@@ -408,7 +441,7 @@ class Runbook:
                 raise MigrationStateError(f"the gate of 100 % failed: {reading.reason}")
             self._audit_gate(reading)
         return self._change(
-            "migration_finalized", {"mode": KeyManagementMode.HSM.value, "step": STEP_HSM}
+            state, "migration_finalized", {"mode": KeyManagementMode.HSM.value, "step": STEP_HSM}
         )
 
     def remove_env_master(self, confirmation: str) -> MigrationState:
@@ -429,6 +462,7 @@ class Runbook:
                 f"confirmation does not match; type exactly {REMOVE_CONFIRMATION!r}"
             )
         return self._change(
+            state,
             "env_master_removed",
             {"env_master_removed": True, "fallback_enabled": False, "step": STEP_ENV_REMOVED},
             detail="services drop the env master; rollback needs PLINGS_MASTER_KEY again",

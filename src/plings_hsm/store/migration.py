@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from plings_hsm.errors import StoreError
+from plings_hsm.errors import MigrationStateError, StoreError
 from plings_hsm.store.audit import append_audit
 from plings_hsm.store.db import Base, Store
 
@@ -19,6 +19,7 @@ __all__ = [
     "MismatchRecord",
     "RequestOutcome",
     "RequestRecord",
+    "StateChangedError",
     "StepStats",
     "change_state",
     "ensure_state",
@@ -218,6 +219,10 @@ def ensure_state(store: Store, initial: MigrationState) -> MigrationState:
     raise StoreError(f"migration state could not be stored after {CHANGE_ATTEMPTS} attempts")
 
 
+class StateChangedError(MigrationStateError):
+    """The state changed after the caller checked it, so the change was not written."""
+
+
 def change_state(
     store: Store,
     *,
@@ -226,11 +231,14 @@ def change_state(
     changes: Mapping[str, object],
     detail: str = "",
     new_step: bool = False,
+    expected_version: int | None = None,
 ) -> tuple[MigrationState, MigrationState]:
     """Apply ``changes`` to the state and audit each changed field, in one transaction.
 
-    A writer that read an older version loses the race: its update touches no row and
-    the whole change is retried on the fresh state.
+    With ``expected_version`` the change is a compare-and-set: it is written only while
+    the stored version is still the one whose state the caller checked, and a writer that
+    loses the race gets :class:`StateChangedError` with nothing written or audited.
+    Without it, a writer that lost the race retries the whole change on the fresh state.
 
     Args:
         actor: who changes the state (user name, ``migrate-run``, ``key-manager``).
@@ -238,11 +246,13 @@ def change_state(
         changes: new values of :class:`MigrationState` fields.
         detail: free text for the audit rows, such as a rollback reason.
         new_step: start a new step: increase ``step_number``, reset ``step_started_at``.
+        expected_version: the version of the state the caller's precondition was checked on.
 
     Returns:
         The state before and after the change.
 
     Raises:
+        StateChangedError: when the stored version is not ``expected_version``.
         StoreError: when the state is missing or every attempt lost a race.
     """
     allowed = {item.name for item in fields(MigrationState)} - {"version", "updated_at"}
@@ -257,6 +267,8 @@ def change_state(
                 if row is None:
                     raise StoreError("migration state is missing; run 'plings-hsm migrate status'")
                 before = _state_of(row)
+                if expected_version is not None and before.version != expected_version:
+                    raise _changed_error(before, expected_version)
                 now = time.time()
                 after = replace(before, **changes, version=before.version + 1)  # type: ignore[arg-type]
                 if new_step:
@@ -283,6 +295,11 @@ def change_state(
                     .execution_options(synchronize_session=False)
                 )
                 if getattr(result, "rowcount", 0) != 1:
+                    if expected_version is not None:
+                        raise StateChangedError(
+                            f"the migration state changed after version {expected_version} "
+                            f"was read; run 'plings-hsm migrate status' and try again"
+                        )
                     raise _LostRaceError
                 changed = [
                     name
@@ -306,6 +323,14 @@ def change_state(
     raise StoreError(
         f"migration state change {action!r} failed after {CHANGE_ATTEMPTS} attempts: "
         f"{type(last_error).__name__}"
+    )
+
+
+def _changed_error(current: MigrationState, expected_version: int) -> StateChangedError:
+    return StateChangedError(
+        f"the migration state changed from version {expected_version} to {current.version} "
+        f"(step {current.step}, by {current.updated_by}) after it was checked; run "
+        "'plings-hsm migrate status' and try again"
     )
 
 
