@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import base58
 import structlog
@@ -14,10 +14,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from plings_hsm import __version__
-from plings_hsm.backends.base import KeyBackend
+from plings_hsm.backends.base import KeyBackend, Signature
 from plings_hsm.core.batch import check_instance_range
 from plings_hsm.core.path import BatchPrefix, IdentifierPath
-from plings_hsm.errors import AuthenticationError, InvalidRequestError, RateLimitedError
+from plings_hsm.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    RateLimitedError,
+    TokenUnavailableError,
+    WalletNotFoundError,
+)
 from plings_hsm.service.auth import ApiClient, Authenticator
 from plings_hsm.service.config import ServiceConfig
 from plings_hsm.service.errors import install_error_handlers
@@ -128,13 +134,37 @@ def _decode_message(text: str) -> bytes:
     return message
 
 
+def _raise_missing_wallet(backend: KeyBackend, exc: WalletNotFoundError) -> NoReturn:
+    """Re-raise ``exc``, or raise TokenUnavailableError when the token lists no wallet at all.
+
+    A token that lists no wallet has lost its objects (its folder was removed or
+    replaced), so the missing wallet is a token fault, not a client error. Blocks on the
+    token; call it from a worker thread.
+    """
+    if not backend.wallets():
+        raise TokenUnavailableError(
+            f"the token lists no wallet any more while looking up a wallet: {exc}"
+        ) from exc
+    raise exc
+
+
 def _derive_wire(
     backend: KeyBackend, prefix: BatchPrefix, start: int, quantity: int
 ) -> list[dict[str, object]]:
     # The wire dicts go straight to JSON, on the worker thread: base58 encoding and one
     # pydantic model per key would otherwise cost the event loop about as much as the
     # derivation itself.
-    return [key.to_wire() for key in backend.derive_keys(prefix, start, quantity)]
+    try:
+        return [key.to_wire() for key in backend.derive_keys(prefix, start, quantity)]
+    except WalletNotFoundError as exc:
+        _raise_missing_wallet(backend, exc)
+
+
+def _sign(backend: KeyBackend, path: IdentifierPath, message: bytes) -> Signature:
+    try:
+        return backend.sign(path, message)
+    except WalletNotFoundError as exc:
+        _raise_missing_wallet(backend, exc)
 
 
 def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
@@ -209,16 +239,22 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
         responses={503: {"model": HealthResponse}, **_COMMON_ERRORS},
     )
     async def health() -> JSONResponse:
-        """Report whether the token answers and which wallets it holds; no auth, no secrets."""
+        """Report whether the token answers and which wallets it holds; no auth, no secrets.
+
+        A token that answers but lists no wallet can derive nothing, so it is unavailable.
+        """
         result = await run_in_threadpool(backend.health)
+        healthy = result.ok and bool(result.wallets)
+        if result.ok and not healthy:
+            log.warning("health_check_failed", backend=result.backend, reason="no_wallet")
         body = HealthResponse(
-            status="ok" if result.ok else "unavailable",
+            status="ok" if healthy else "unavailable",
             backend=result.backend,
             tokenReachable=result.ok,
             wallets=[WalletItem(**wallet.to_wire()) for wallet in result.wallets],  # type: ignore[arg-type]
             version=__version__,
         )
-        return JSONResponse(body.model_dump(), status_code=200 if result.ok else 503)
+        return JSONResponse(body.model_dump(), status_code=200 if healthy else 503)
 
     @app.post("/api/derive-keys", response_model=DeriveKeysResponse, responses=_DERIVE_RESPONSES)
     async def derive_keys(
@@ -236,7 +272,10 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
 
         if wants_ndjson(request):
             keys_iter = backend.iter_keys(prefix, body.startInstance, body.quantity)
-            return await ndjson_response(request, keys_iter)
+            try:
+                return await ndjson_response(request, keys_iter)
+            except WalletNotFoundError as exc:
+                await run_in_threadpool(_raise_missing_wallet, backend, exc)
         wire = await run_in_threadpool(
             _derive_wire, backend, prefix, body.startInstance, body.quantity
         )
@@ -260,7 +299,7 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
         )
         charge_keys(request, client, 1)
 
-        signature = await run_in_threadpool(backend.sign, path, message)
+        signature = await run_in_threadpool(_sign, backend, path, message)
         request.state.keys_derived = 1
         log.info(
             "message_signed",
