@@ -26,6 +26,7 @@ Every error the product raises on purpose derives from :class:`PlingsHsmError`::
     │   └── FingerprintMismatchError  the HSM service holds another master than expected
     ├── KeySourceUnavailableError no configured key source may serve in the current mode
     └── MigrationStateError       a migration command is not allowed in the current state
+        └── GateFailedError       a step's gate failed, so the migration was rolled back
 
 Messages name the field, the value and the limit. They never contain a seed, a PIN, a
 key or an API key: for a secret they give the field name and at most its length.
@@ -40,6 +41,7 @@ __all__ = [
     "DuplicateObjectError",
     "DuplicateTokenError",
     "FingerprintMismatchError",
+    "GateFailedError",
     "HsmServiceError",
     "InvalidPathError",
     "InvalidRequestError",
@@ -169,6 +171,10 @@ class FingerprintMismatchError(HsmServiceError):
 
 class MigrationStateError(PlingsHsmError):
     """A migration command is not allowed in the current migration state."""
+
+
+class GateFailedError(MigrationStateError):
+    """A step's gate failed, so the migration was rolled back to env."""
 
 
 class KeySourceUnavailableError(PlingsHsmError):

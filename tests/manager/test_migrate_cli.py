@@ -15,12 +15,14 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+import base58
 import httpx
 import pytest
 from migration_support import (  # noqa: F401 - fixtures
     HSM_API_KEY,
     MIG_TOKEN_LABEL,
     MIG_USER_PIN,
+    OTHER_SEED,
     TEST_MASTER_KEY,
     RunningService,
     hsm_service,
@@ -37,6 +39,7 @@ from plings_hsm.store.audit import list_audit
 from plings_hsm.store.db import Store
 from plings_hsm.store.migration import load_state
 
+OTHER_MASTER_KEY = base58.b58encode(OTHER_SEED).decode("ascii")
 DERIVE_BODY = {"manufacturer": 1, "category": 1, "classId": 1, "batch": 7, "quantity": 2}
 CLI = [sys.executable, "-c", "from plings_hsm.cli.main import main; main()"]
 
@@ -67,8 +70,10 @@ def webhook() -> Iterator[str]:
 
 
 @pytest.fixture
-def cli_env(tmp_path: Path, webhook: str) -> dict[str, str]:
-    """Environment of a CLI child: a home in tmp_path, the test master, two webhooks."""
+def cli_env(
+    tmp_path: Path, webhook: str, hsm_service: RunningService, tls_files: TlsFiles
+) -> dict[str, str]:
+    """Environment of a CLI child: a home in tmp_path, the test master, the HSM, two webhooks."""
     env = {
         key: value
         for key, value in os.environ.items()
@@ -81,6 +86,10 @@ def cli_env(tmp_path: Path, webhook: str) -> dict[str, str]:
             "PLINGS_ACTOR": "cli-test",
             "PLINGS_WEBHOOK_URLS": f"{webhook},http://127.0.0.1:{pick_port()}/down",
             "PLINGS_WEBHOOK_TIMEOUT_S": "1",
+            "HSM_ENDPOINT": hsm_service.url,
+            "HSM_API_KEY": HSM_API_KEY.reveal_text(),
+            "HSM_CA_FILE": str(tls_files.ca_cert),
+            "HSM_RETRIES": "0",
             "PYTHONPATH": os.pathsep.join(sys.path),
         }
     )
@@ -99,6 +108,13 @@ def state_of(env: dict[str, str]) -> tuple[str, int]:
     store.close()
     assert state is not None
     return state.mode, state.percentage
+
+
+def stored_mode(env: dict[str, str]) -> str | None:
+    store = Store(f"sqlite:///{Path(env['PLINGS_HSM_HOME']) / 'plings-hsm.db'}")
+    state = load_state(store)
+    store.close()
+    return state.mode if state is not None else None
 
 
 class TestRunbookCommands:
@@ -161,13 +177,63 @@ class TestRunbookCommands:
         assert TEST_MASTER_KEY not in result.stdout + result.stderr
 
 
+class TestStepsNotSkipped:
+    """start checks the HSM's fingerprint and finalize needs every step's gate."""
+
+    def test_finalize_skipped_steps_exit_22(self, cli_env: dict[str, str]) -> None:
+        env = {**cli_env, "PLINGS_MIGRATION_SOAK_S": "0", "PLINGS_GATE_MIN_REQUESTS": "0"}
+        run_cli(env, "migrate", "start")
+        run_cli(env, "migrate", "advance", "--to", "100")
+        result = run_cli(env, "migrate", "finalize")
+        assert result.returncode == 22
+        assert "missing: dual-5, dual-25, dual-50" in result.stderr
+        assert state_of(env) == ("dual", 100)
+
+    def test_finalize_after_run_passes(self, cli_env: dict[str, str]) -> None:
+        env = {**cli_env, "PLINGS_MIGRATION_SOAK_S": "0", "PLINGS_GATE_MIN_REQUESTS": "0"}
+        run_cli(env, "migrate", "start")
+        assert run_cli(env, "migrate", "run", "--poll", "0.05").returncode == 0
+        assert run_cli(env, "migrate", "finalize").returncode == 0
+        assert state_of(env) == ("hsm", 100)
+
+    def test_gates_of_earlier_migration_ignored(self, cli_env: dict[str, str]) -> None:
+        env = {**cli_env, "PLINGS_MIGRATION_SOAK_S": "0", "PLINGS_GATE_MIN_REQUESTS": "0"}
+        run_cli(env, "migrate", "start")
+        assert run_cli(env, "migrate", "run", "--poll", "0.05").returncode == 0
+        run_cli(env, "rollback", "--reason", "drill")
+        run_cli(env, "migrate", "start")
+        run_cli(env, "migrate", "advance", "--to", "100")
+        result = run_cli(env, "migrate", "finalize")
+        assert result.returncode == 22
+        assert "dual-5" in result.stderr
+
+    def test_start_unreachable_hsm_exit_21(self, cli_env: dict[str, str]) -> None:
+        env = {**cli_env, "HSM_ENDPOINT": f"https://127.0.0.1:{pick_port()}"}
+        result = run_cli(env, "migrate", "start")
+        assert result.returncode == 21
+        assert stored_mode(env) is None
+
+    def test_start_without_endpoint_exit_3(self, cli_env: dict[str, str]) -> None:
+        env = {key: value for key, value in cli_env.items() if key != "HSM_ENDPOINT"}
+        result = run_cli(env, "migrate", "start")
+        assert result.returncode == 3
+        assert "HSM_ENDPOINT" in result.stderr
+
+    def test_start_other_master_exit_21(self, cli_env: dict[str, str]) -> None:
+        other = {**cli_env, "PLINGS_MASTER_KEY": OTHER_MASTER_KEY}
+        result = run_cli(other, "migrate", "start")
+        assert result.returncode == 21
+        assert "fingerprint" in result.stderr
+        assert stored_mode(other) is None
+
+
 class TestRemovedMaster:
     """After remove-env-master, rollback needs the env master again."""
 
     def test_rollback_without_master_fails(self, cli_env: dict[str, str]) -> None:
-        run_cli(cli_env, "migrate", "start")
-        run_cli(cli_env, "migrate", "advance", "--to", "100")
         env = {**cli_env, "PLINGS_MIGRATION_SOAK_S": "0", "PLINGS_GATE_MIN_REQUESTS": "0"}
+        run_cli(env, "migrate", "start")
+        assert run_cli(env, "migrate", "run", "--poll", "0.05").returncode == 0
         assert run_cli(env, "migrate", "finalize").returncode == 0
         wrong = run_cli(env, "migrate", "remove-env-master", "--confirm", "yes")
         assert wrong.returncode == 22

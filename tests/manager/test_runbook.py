@@ -13,8 +13,10 @@ from typing import ClassVar
 import pytest
 from migration_support import pick_port
 
-from plings_hsm.errors import MigrationStateError
+from plings_hsm.cli.exit_codes import exit_code_of
+from plings_hsm.errors import GateFailedError, MigrationStateError
 from plings_hsm.manager.config import ManagerSettings
+from plings_hsm.manager.gates import GateLimits, read_gate
 from plings_hsm.manager.migration import REMOVE_CONFIRMATION, Runbook
 from plings_hsm.manager.notify import MigrationNotice, Notifier
 from plings_hsm.store.audit import list_audit
@@ -71,6 +73,17 @@ def add_matches(runbook: Runbook, count: int, latency_ms: float = 5.0) -> None:
     )
 
 
+def pass_to_100(tmp_path: Path) -> Runbook:
+    """Start and pass the gates of 5, 25 and 50 %, then stand at 100 % with no gate read."""
+    runbook = make_runbook(tmp_path, min_requests=0)
+    runbook.start("fingerprint")
+    for step in (5, 25, 50):
+        read_gate(runbook.store, runbook.advance(step), runbook.limits)
+    runbook.advance(100)
+    runbook.limits = GateLimits(3, 0.01, 500.0)
+    return runbook
+
+
 class TestRun:
     """run passes steps only through gates and rolls back on a failed one."""
 
@@ -105,30 +118,45 @@ class TestFinalize:
     """finalize needs 100 % soaked with a passing gate."""
 
     def test_before_soak_rejected(self, tmp_path: Path) -> None:
-        runbook = make_runbook(tmp_path)
-        runbook.start("fingerprint")
-        runbook.advance(100)
+        runbook = pass_to_100(tmp_path)
         with pytest.raises(MigrationStateError, match="soaked"):
             runbook.finalize(soak_s=60)
 
     def test_after_soak_switches_to_hsm(self, tmp_path: Path) -> None:
-        runbook = make_runbook(tmp_path)
-        runbook.start("fingerprint")
-        runbook.advance(100)
+        runbook = pass_to_100(tmp_path)
         add_matches(runbook, 5)
         assert runbook.finalize(soak_s=0).mode == "hsm"
 
-    def test_failing_gate_rejected(self, tmp_path: Path) -> None:
-        runbook = make_runbook(tmp_path)
+    def test_skipped_steps_rejected(self, tmp_path: Path) -> None:
+        runbook = make_runbook(tmp_path, min_requests=0)
         runbook.start("fingerprint")
         runbook.advance(100)
-        with pytest.raises(MigrationStateError, match="gate of 100 % failed"):
+        with pytest.raises(MigrationStateError, match="missing: dual-5, dual-25, dual-50"):
             runbook.finalize(soak_s=0)
 
-    def test_remove_needs_confirmation(self, tmp_path: Path) -> None:
-        runbook = make_runbook(tmp_path)
+    def test_one_skipped_step_named(self, tmp_path: Path) -> None:
+        runbook = make_runbook(tmp_path, min_requests=0)
         runbook.start("fingerprint")
+        for step in (5, 50):
+            read_gate(runbook.store, runbook.advance(step), runbook.limits)
         runbook.advance(100)
+        with pytest.raises(MigrationStateError, match=r"missing: dual-25\. "):
+            runbook.finalize(soak_s=0)
+
+    def test_failing_gate_rolls_back(self, tmp_path: Path) -> None:
+        runbook = pass_to_100(tmp_path)
+        runbook.limits = GateLimits(1000, 0.01, 500.0)
+        with pytest.raises(GateFailedError, match="gate of dual-100 failed"):
+            runbook.finalize(soak_s=0)
+        state = load_state(runbook.store)
+        assert state is not None
+        assert state.mode == "env"
+
+    def test_failed_gate_exit_9(self) -> None:
+        assert exit_code_of(GateFailedError("gate failed")) == 9
+
+    def test_remove_needs_confirmation(self, tmp_path: Path) -> None:
+        runbook = pass_to_100(tmp_path)
         add_matches(runbook, 5)
         runbook.finalize(soak_s=0)
         with pytest.raises(MigrationStateError, match="confirmation"):
@@ -140,9 +168,7 @@ class TestRollback:
     """rollback works from any step and posts to the webhooks."""
 
     def test_from_hsm(self, tmp_path: Path) -> None:
-        runbook = make_runbook(tmp_path)
-        runbook.start("fingerprint")
-        runbook.advance(100)
+        runbook = pass_to_100(tmp_path)
         add_matches(runbook, 5)
         runbook.finalize(soak_s=0)
         assert runbook.rollback("drill").mode == "env"
@@ -171,9 +197,7 @@ class TestRollback:
         assert (entry.actor, entry.detail) == ("tester", "drill")
 
     def test_removed_master_needs_same_fingerprint(self, tmp_path: Path) -> None:
-        runbook = make_runbook(tmp_path)
-        runbook.start("fingerprint")
-        runbook.advance(100)
+        runbook = pass_to_100(tmp_path)
         add_matches(runbook, 5)
         runbook.finalize(soak_s=0)
         runbook.remove_env_master(REMOVE_CONFIRMATION)

@@ -6,6 +6,7 @@ from plings_hsm.errors import (
     AuthenticationError,
     ConfigError,
     DuplicateObjectError,
+    GateFailedError,
     HsmServiceError,
     InvalidPathError,
     InvalidRequestError,
@@ -47,6 +48,7 @@ EXIT_CODES: tuple[tuple[type[PlingsHsmError], int], ...] = (
     (TokenError, 10),
     (StoreError, 20),
     (HsmServiceError, 21),
+    (GateFailedError, EXIT_CHECK_FAILED),
     (MigrationStateError, 22),
     (KeySourceUnavailableError, 23),
 )

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from plings_hsm.backends.env import EnvBackend
+from plings_hsm.backends.remote import RemoteBackend
 from plings_hsm.cli.app import app, context
 from plings_hsm.cli.exit_codes import EXIT_CHECK_FAILED
 from plings_hsm.cli.serve_cmd import _tls_files
@@ -136,9 +137,27 @@ def preflight(actor: ActorOption = None) -> None:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
+def _hsm_backend(settings: ManagerSettings) -> RemoteBackend:
+    if settings.hsm_endpoint is None:
+        raise ConfigError("HSM_ENDPOINT is not set; migrate start compares the HSM's fingerprint")
+    if settings.hsm_api_key is None:
+        raise ConfigError("HSM_API_KEY is not set; the HSM service needs it")
+    return RemoteBackend(
+        settings.hsm_endpoint,
+        settings.hsm_api_key,
+        settings.hsm_ca_file,
+        timeout_s=settings.hsm_timeout_s,
+        retries=settings.hsm_retries,
+        backoff_s=settings.hsm_backoff_s,
+    )
+
+
 @migrate_app.command("start")
 def start(actor: ActorOption = None) -> None:
-    """Enter dual mode at 0 %, recording the env master's wallet fingerprint."""
+    """Enter dual mode at 0 % once the HSM service shows the env master's wallet fingerprint.
+
+    Exits 21 when the HSM service cannot be reached or shows another fingerprint.
+    """
     settings = _manager_settings()
     if settings.master_key is None:
         raise ConfigError("PLINGS_MASTER_KEY is not set; migrate start records its fingerprint")
@@ -147,8 +166,11 @@ def start(actor: ActorOption = None) -> None:
         fingerprint = env.wallet_fingerprint(settings.default_wallet)
     finally:
         env.close()
-    runbook = _runbook(actor)
-    state = runbook.start(fingerprint)
+    hsm = _hsm_backend(settings)
+    try:
+        state = _runbook(actor).start(fingerprint, hsm)
+    finally:
+        hsm.close()
     _out.print(f"migration started: {describe(state)}; expected fingerprint {fingerprint}")
 
 

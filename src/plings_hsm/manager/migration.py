@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
-from plings_hsm.errors import MigrationStateError
+from plings_hsm.backends.base import KeyBackend
+from plings_hsm.errors import FingerprintMismatchError, GateFailedError, MigrationStateError
 from plings_hsm.manager.config import KeyManagementMode, ManagerSettings
 from plings_hsm.manager.gates import GateLimits, GateReading, read_gate
 from plings_hsm.manager.notify import MigrationNotice, Notifier
 from plings_hsm.manager.rollout import PERCENTAGE_MAX
-from plings_hsm.store.audit import record_audit
+from plings_hsm.store.audit import list_audit, record_audit
 from plings_hsm.store.db import Store
 from plings_hsm.store.migration import (
     CHANGE_ATTEMPTS,
@@ -23,6 +25,7 @@ from plings_hsm.store.migration import (
     ensure_state,
     latest_gate_readings,
     load_state,
+    passed_gate_steps,
     step_stats,
 )
 
@@ -249,12 +252,20 @@ class Runbook:
         )
         return after
 
-    def start(self, expected_fingerprint: str) -> MigrationState:
+    def start(self, expected_fingerprint: str, hsm: KeyBackend | None = None) -> MigrationState:
         """Enter ``dual`` at 0 %: services compare nothing yet, but are ready to.
+
+        Args:
+            expected_fingerprint: the env master's fingerprint of the default wallet.
+            hsm: the HSM service; its fingerprint of the default wallet must be the same.
 
         Raises:
             MigrationStateError: unless the state is ``env`` with the env master present.
+            FingerprintMismatchError: when the HSM shows another fingerprint.
+            HsmServiceError: when the HSM cannot be reached or lacks the wallet.
         """
+        if hsm is not None:
+            self._check_hsm_fingerprint(hsm, expected_fingerprint)
         state = self.status()
         if state.mode != KeyManagementMode.ENV or state.env_master_removed:
             raise MigrationStateError(
@@ -272,6 +283,22 @@ class Runbook:
             },
             detail=f"expected wallet fingerprint {expected_fingerprint}",
         )
+
+    def _check_hsm_fingerprint(self, hsm: KeyBackend, expected: str) -> None:
+        wallet = self.settings.default_wallet
+        actual = hsm.wallet_fingerprint(wallet)
+        if not hmac.compare_digest(actual.encode(), expected.encode()):
+            log.error(
+                "hsm_fingerprint_mismatch",
+                wallet=wallet,
+                expected_fingerprint=expected,
+                hsm_fingerprint=actual,
+                actor=self.actor,
+            )
+            raise FingerprintMismatchError(
+                f"the HSM service's fingerprint of wallet {wallet} is {actual}; the env "
+                f"master's is {expected}. Import the env master into the token first"
+            )
 
     def advance(self, to: int | None = None) -> MigrationState:
         """Raise the rollout percentage to ``to``, or to the next step of ROLLOUT_STEPS.
@@ -413,12 +440,22 @@ class Runbook:
             self.store, actor=self.actor, reason=reason, notifier=self.notifier, automatic=True
         )
 
+    def _migration_started_at(self) -> float:
+        with self.store.session() as session:
+            started = list_audit(session, action="migration_started", limit=1)
+        return started[0].at if started else 0.0
+
     def finalize(self, soak_s: float | None = None) -> MigrationState:
-        """Switch to ``hsm`` once 100 % has soaked and its gate passed.
+        """Switch to ``hsm`` once 5, 25, 50 and 100 % each passed their gate.
+
+        Only gates read since the latest ``migrate start`` count. A gate of 100 % not yet
+        read is read now once the soak time has passed; if it fails, the migration rolls
+        back to ``env``.
 
         Raises:
             MigrationStateError: unless the state is ``dual`` at 100 %, soaked for the soak
-                time, with a passing gate (read now if ``migrate run`` did not record one).
+                time, with a passed gate at every step.
+            GateFailedError: when the gate of 100 % read now failed; the state is ``env``.
         """
         soak = self.settings.soak_s if soak_s is None else soak_s
         state = self.status()
@@ -426,11 +463,22 @@ class Runbook:
             raise MigrationStateError(
                 f"migrate finalize needs dual at 100 %; the state is {describe(state)}"
             )
-        passed = any(
+        passed = passed_gate_steps(self.store, self._migration_started_at())
+        missing = [
+            _dual_step(step)
+            for step in ROLLOUT_STEPS
+            if step != PERCENTAGE_MAX and _dual_step(step) not in passed
+        ]
+        if missing:
+            raise MigrationStateError(
+                f"migrate finalize needs a passed gate at every step; missing: "
+                f"{', '.join(missing)}. Roll back and run 'plings-hsm migrate run'"
+            )
+        current_passed = any(
             reading.passed and reading.step_number == state.step_number
             for reading in latest_gate_readings(self.store, limit=50)
         )
-        if not passed:
+        if not current_passed:
             soaked_s = time.time() - state.step_started_at
             if soaked_s < soak:
                 raise MigrationStateError(
@@ -438,10 +486,14 @@ class Runbook:
                 )
             reading = read_gate(self.store, state, self.limits)
             if not reading.passed:
-                raise MigrationStateError(f"the gate of 100 % failed: {reading.reason}")
+                reason = f"gate of {state.step} failed: {reading.reason}"
+                self._auto_rollback(reason)
+                raise GateFailedError(f"rolled back to env: {reason}")
             self._audit_gate(reading)
         return self._change(
-            state, "migration_finalized", {"mode": KeyManagementMode.HSM.value, "step": STEP_HSM}
+            state,
+            "migration_finalized",
+            {"mode": KeyManagementMode.HSM.value, "step": STEP_HSM},
         )
 
     def remove_env_master(self, confirmation: str) -> MigrationState:

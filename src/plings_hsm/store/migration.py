@@ -26,6 +26,7 @@ __all__ = [
     "latest_gate_readings",
     "load_state",
     "load_state_version",
+    "passed_gate_steps",
     "record_gate_reading",
     "record_mismatch",
     "record_requests",
@@ -402,5 +403,17 @@ def latest_gate_readings(store: Store, limit: int = 10) -> list[GateReadingRecor
         return list(
             session.scalars(
                 sa.select(GateReadingRecord).order_by(GateReadingRecord.id.desc()).limit(limit)
+            ).all()
+        )
+
+
+def passed_gate_steps(store: Store, since: float) -> set[str]:
+    """Return the steps (``dual-5``, ...) whose gate passed at or after ``since``."""
+    with store.session() as session:
+        return set(
+            session.scalars(
+                sa.select(GateReadingRecord.step).where(
+                    GateReadingRecord.passed.is_(True), GateReadingRecord.at >= since
+                )
             ).all()
         )
