@@ -213,3 +213,47 @@ class TestBuild:
         store = Store(f"sqlite:///{tmp_path / 'state.db'}")
         stack = track(build_identifier(settings_for(hsm_service), store))
         assert stack.manager.hsm_backend is not None
+
+
+class TestAdminInput:
+    """Admin bodies are explicit: no missing percentage, no ambiguous user id."""
+
+    @pytest.mark.parametrize("body", [{}, {"percentage": None}])
+    def test_advance_needs_percentage(
+        self, identifier: Identifier, body: dict[str, object]
+    ) -> None:
+        change_state(identifier.store, actor="test", action="set", changes={"mode": "dual"})
+        response = identifier.admin("POST", "/admin/migration/advance", json=body)
+        assert response.status_code == 422
+        assert response.json()["error"]["field"] == "percentage"
+        assert identifier.stack.runbook.status().percentage == 0
+
+    def test_advance_range_names_field(self, identifier: Identifier) -> None:
+        change_state(
+            identifier.store,
+            actor="test",
+            action="set",
+            changes={"mode": "dual", "percentage": 50, "step": "dual-50"},
+        )
+        response = identifier.admin("POST", "/admin/migration/advance", json={"percentage": 25})
+        message = response.json()["error"]["message"]
+        assert response.status_code == 409
+        assert "percentage 25 is out of range" in message
+        assert "--to" not in message
+
+    @pytest.mark.parametrize(
+        ("user_ids", "field", "word"),
+        [
+            (["a", "a,b"], "userIds.1", "comma"),
+            ([" c "], "userIds.0", "spaces"),
+            (["ok", "d "], "userIds.1", "spaces"),
+        ],
+    )
+    def test_whitelist_entry_rejected(
+        self, identifier: Identifier, user_ids: list[str], field: str, word: str
+    ) -> None:
+        response = identifier.admin("PUT", "/admin/migration/whitelist", json={"userIds": user_ids})
+        assert response.status_code == 422
+        assert response.json()["error"]["field"] == field
+        assert word in response.json()["error"]["message"]
+        assert identifier.stack.runbook.status().whitelist == ("vip",)

@@ -91,10 +91,10 @@ class RollbackRequest(BaseModel):
 
 
 class AdvanceRequest(BaseModel):
-    """A rollout step; without ``percentage`` the next step of 5, 25, 50, 100."""
+    """A rollout step: the new percentage, always given, so no step is skipped unseen."""
 
     model_config = ConfigDict(extra="forbid")
-    percentage: Annotated[StrictInt, Field(ge=1, le=PERCENTAGE_MAX)] | None = None
+    percentage: Annotated[StrictInt, Field(ge=1, le=PERCENTAGE_MAX)]
 
 
 class WhitelistRequest(BaseModel):

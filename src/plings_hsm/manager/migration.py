@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +11,12 @@ from dataclasses import dataclass
 import structlog
 
 from plings_hsm.backends.base import KeyBackend
-from plings_hsm.errors import FingerprintMismatchError, GateFailedError, MigrationStateError
+from plings_hsm.errors import (
+    FingerprintMismatchError,
+    GateFailedError,
+    InvalidRequestError,
+    MigrationStateError,
+)
 from plings_hsm.manager.config import KeyManagementMode, ManagerSettings
 from plings_hsm.manager.gates import GateLimits, GateReading, read_gate
 from plings_hsm.manager.notify import MigrationNotice, Notifier
@@ -51,6 +57,16 @@ REMOVE_CONFIRMATION = "remove env master"
 STEP_ENV = "env"
 STEP_HSM = "hsm"
 STEP_ENV_REMOVED = "hsm-env-removed"
+
+
+SHOWN_VALUE_MAX_CHARS = 40
+"""Characters of a rejected value quoted in a message."""
+
+
+def _shown(value: str) -> str:
+    if len(value) <= SHOWN_VALUE_MAX_CHARS:
+        return json.dumps(value)
+    return f"{json.dumps(value[:SHOWN_VALUE_MAX_CHARS])}... ({len(value)} characters)"
 
 
 def _dual_step(percentage: int) -> str:
@@ -321,12 +337,32 @@ class Runbook:
             to = following[0]
         if not state.percentage < to <= PERCENTAGE_MAX:
             raise MigrationStateError(
-                f"--to {to} is out of range; allowed {state.percentage + 1} to {PERCENTAGE_MAX}"
+                f"percentage {to} is out of range; allowed {state.percentage + 1} to "
+                f"{PERCENTAGE_MAX}, above the current {state.percentage}"
             )
         return self._change(state, "rollout_advanced", {"percentage": to, "step": _dual_step(to)})
 
     def set_whitelist(self, user_ids: tuple[str, ...]) -> MigrationState:
-        """Replace the rollout whitelist; the step and its records stay."""
+        """Replace the rollout whitelist; the step and its records stay.
+
+        Raises:
+            InvalidRequestError: for an empty user id, one with a comma (the stored list
+                is comma-separated) or one with spaces around it (HSM_ROLLOUT_WHITELIST
+                trims them, so the two would name different users).
+        """
+        for index, user_id in enumerate(user_ids):
+            field = f"userIds.{index}"
+            shown = _shown(user_id)
+            if not user_id:
+                raise InvalidRequestError(f"{field} is empty; a user id needs 1 character", field)
+            if "," in user_id:
+                raise InvalidRequestError(
+                    f"{field} {shown} contains a comma; user ids cannot contain commas", field
+                )
+            if user_id != user_id.strip():
+                raise InvalidRequestError(
+                    f"{field} {shown} has spaces around it; send it trimmed", field
+                )
         return self._change(
             self.status(),
             "whitelist_changed",
