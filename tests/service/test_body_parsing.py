@@ -9,6 +9,8 @@ import pytest
 from svc_support import (  # noqa: F401 - fixtures
     StartService,
     auth,
+    derive_body,
+    sign_body,
     start_service,
     svc_backend,
     svc_tls,
@@ -123,3 +125,90 @@ class TestParseJsonBody:
 
     def test_20_digit_integer_accepted(self) -> None:
         assert parse_json_body(b'{"a": 18446744073709551615}') == {"a": 2**64 - 1}
+
+
+class TestFieldValidation:
+    """Field errors quote the value cut short, with the rule; strays and repeats are 422."""
+
+    def test_message_shows_value(self, start_service: StartService) -> None:
+        svc = start_service()
+        response = svc.client.post(
+            "/api/derive-keys", headers=auth(), json=derive_body(manufacturer="abc")
+        )
+        error = response.json()["error"]
+        assert response.status_code == 422
+        assert error["field"] == "manufacturer"
+        assert error["message"] == 'manufacturer "abc" is invalid: Input should be a valid integer'
+
+    def test_long_value_cut(self, start_service: StartService) -> None:
+        svc = start_service()
+        response = svc.client.post(
+            "/api/derive-keys", headers=auth(), json=derive_body(manufacturer="m" * 500)
+        )
+        message = response.json()["error"]["message"]
+        assert response.status_code == 422
+        assert message.startswith('manufacturer "' + "m" * 23 + "... (502 characters)")
+        assert "m" * 30 not in message
+
+    def test_limit_in_message(self, start_service: StartService) -> None:
+        svc = start_service()
+        response = svc.client.post(
+            "/api/derive-keys", headers=auth(), json=derive_body(batch=2**31)
+        )
+        message = response.json()["error"]["message"]
+        assert response.status_code == 422
+        assert message.startswith("batch 2147483648 is invalid: ")
+        assert "2147483647" in message
+
+    def test_misspelt_field_rejected(self, start_service: StartService) -> None:
+        svc = start_service()
+        body = derive_body()
+        del body["walletVersion"]
+        body["walletversion"] = 2
+        response = svc.client.post("/api/derive-keys", headers=auth(), json=body)
+        assert response.status_code == 422
+        assert response.json()["error"]["field"] == "walletversion"
+        assert "not a field of this request" in response.json()["error"]["message"]
+
+    def test_sign_unknown_field_rejected(self, start_service: StartService) -> None:
+        svc = start_service()
+        response = svc.client.post("/api/sign", headers=auth(), json=sign_body(b"tag", quantity=1))
+        assert response.status_code == 422
+        assert response.json()["error"]["field"] == "quantity"
+
+    def test_duplicate_key_rejected(self, start_service: StartService) -> None:
+        svc = start_service()
+        content = (
+            b'{"manufacturer": 1, "category": 1, "classId": 1, "batch": 99999, '
+            b'"quantity": 99999999, "quantity": 1}'
+        )
+        response = svc.client.post("/api/derive-keys", headers=JSON_HEADERS, content=content)
+        error = response.json()["error"]
+        assert response.status_code == 422
+        assert error["field"] == "quantity"
+        assert (
+            error["message"]
+            == "quantity appears more than once in one object; send each field once"
+        )
+
+    @pytest.mark.parametrize("route", ["/api/derive-keys", "/api/sign"])
+    def test_null_wallet_rejected(self, start_service: StartService, route: str) -> None:
+        svc = start_service()
+        body = (
+            derive_body(walletVersion=None)
+            if "derive" in route
+            else sign_body(b"tag", walletVersion=None)
+        )
+        response = svc.client.post(route, headers=auth(), json=body)
+        assert response.status_code == 422
+        assert response.json()["error"]["field"] == "walletVersion"
+        assert "null is not allowed" in response.json()["error"]["message"]
+
+    def test_missing_field_named(self, start_service: StartService) -> None:
+        svc = start_service()
+        body = derive_body()
+        del body["batch"]
+        response = svc.client.post("/api/derive-keys", headers=auth(), json=body)
+        assert response.status_code == 422
+        assert response.json()["error"]["field"] == "batch"
+        assert response.json()["error"]["message"] == "batch is missing; it is required"

@@ -237,10 +237,10 @@ class TestDeriveKeys:
         prefix = BatchPrefix(DEFAULT_WALLET, 1, 1, 1, 99999)
         assert response.json()["keys"] == reference_wire(WALLET_3_SEED, prefix, 1, 2)
 
-    def test_null_wallet_is_default(self, service: RunningService) -> None:
+    def test_null_wallet_rejected(self, service: RunningService) -> None:
         response = service.derive({**BATCH, "quantity": 1, "walletVersion": None})
-        assert response.status_code == 200
-        assert response.json()["keys"][0]["hdPath"].startswith(f"m/44'/501'/{DEFAULT_WALLET}'/")
+        assert response.status_code == 422
+        assert response.json()["error"]["field"] == "walletVersion"
 
     def test_last_index(self, service: RunningService) -> None:
         body = {

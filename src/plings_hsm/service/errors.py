@@ -23,6 +23,7 @@ from plings_hsm.errors import (
     TokenError,
     WalletNotFoundError,
 )
+from plings_hsm.service.json_body import show_value
 
 __all__ = ["error_response", "install_error_handlers", "status_of"]
 
@@ -131,14 +132,24 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
         message = f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'invalid')}"
         return error_response(request, 422, message, code="invalid_json", field="body")
     field = _field_of(tuple(first.get("loc", ())))
-    value = first.get("input")
-    reason = first.get("msg", "invalid value")
-    shown = repr(value) if isinstance(value, int | float | bool | None) else type(value).__name__
-    if field is None:
-        message = f"request body is invalid: {reason}"
-    else:
-        message = f"{field} {shown} is invalid: {reason}"
+    message = _validation_message(first, field)
     return error_response(request, 422, message, code="invalid_request", field=field)
+
+
+def _validation_message(error: Mapping[str, Any], field: str | None) -> str:
+    """Word one pydantic error: the field, its value cut short, the rule and its limit."""
+    kind = error.get("type")
+    reason = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if field is None:
+        return f"request body is invalid: {reason}"
+    if kind == "missing":
+        return f"{field} is missing; it is required"
+    if kind == "extra_forbidden":
+        return (
+            f"{field} is not a field of this request; field names are case-sensitive, "
+            "e.g. walletVersion"
+        )
+    return f"{field} {show_value(error.get('input'))} is invalid: {reason}"
 
 
 async def _on_http(request: Request, exc: Exception) -> JSONResponse:

@@ -14,7 +14,7 @@ __all__ = [
 ]
 
 INT_DIGITS_MAX = 20
-"""Most digits of an integer literal; every index of the API fits in 10, a 64-bit value in 20.
+"""Maximum digits of an integer literal; every index of the API fits in 10, a 64-bit value in 20.
 
 Python's ``int()`` raises ValueError past ``sys.get_int_max_str_digits()`` (4300 by
 default), which the framework turned into a 400 without a field.
@@ -25,7 +25,8 @@ VALUE_SHOWN_MAX_CHARS = 24
 
 
 class JsonBodyError(ValueError):
-    """A request body that is not strict JSON: invalid UTF-8 or syntax, or a bad literal.
+    """A request body that is not strict JSON: invalid UTF-8 or syntax, a bad literal or
+    a key that appears twice in one object.
 
     Args:
         message: what is wrong, for the client.
@@ -92,6 +93,14 @@ def _literal_error(literal: _InvalidLiteral, field: str) -> JsonBodyError:
 def _object_of(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
+        # json keeps the last of duplicate keys, so {"quantity": 99999999, "quantity": 1}
+        # would pass validation with a value other parsers read differently.
+        if key in result:
+            raise JsonBodyError(
+                f"{key} appears more than once in one object; send each field once",
+                field=key,
+                code="invalid_request",
+            )
         literal = _find_invalid(value)
         if literal is not None:
             raise _literal_error(literal, key)
@@ -100,7 +109,8 @@ def _object_of(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def parse_json_body(body: bytes) -> object:
-    """Parse ``body`` as strict JSON (RFC 8259): UTF-8 text, no NaN, bounded integers.
+    """Parse ``body`` as strict JSON (RFC 8259): UTF-8 text, no NaN, bounded integers,
+    unique keys in each object.
 
     Raises:
         JsonBodyError: naming the field where one can be named.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from plings_hsm.core.path import INDEX_MAX
 
@@ -23,10 +23,19 @@ __all__ = [
 Index = Annotated[StrictInt, Field(ge=0, le=INDEX_MAX)]
 
 
+def _reject_null(value: object) -> object:
+    # Runs only for a value the client sent; an absent field keeps its default.
+    if value is None:
+        raise ValueError("null is not allowed; leave the field out to use the default")
+    return value
+
+
 class DeriveKeysRequest(BaseModel):
     """A batch to derive: the shared levels, the first instance and how many."""
 
-    model_config = ConfigDict(extra="ignore")
+    # An unknown field is rejected: a misspelt "walletversion" was once ignored, and
+    # the default wallet's keys were served.
+    model_config = ConfigDict(extra="forbid")
 
     manufacturer: Index
     category: Index
@@ -35,6 +44,8 @@ class DeriveKeysRequest(BaseModel):
     quantity: Annotated[StrictInt, Field(ge=1, le=INDEX_MAX)]
     walletVersion: Index | None = None  # noqa: N815 - wire name
     startInstance: Index = 1  # noqa: N815 - wire name
+
+    _wallet_not_null = field_validator("walletVersion", mode="before")(_reject_null)
 
 
 class KeyItem(BaseModel):
@@ -57,7 +68,7 @@ class DeriveKeysResponse(BaseModel):
 class SignRequest(BaseModel):
     """A message to sign with the key of one instance; ``message`` is base64 text."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     manufacturer: Index
     category: Index
@@ -66,6 +77,8 @@ class SignRequest(BaseModel):
     instanceNumber: Index  # noqa: N815 - wire name
     walletVersion: Index | None = None  # noqa: N815 - wire name
     message: StrictStr = Field(description="The bytes to sign, base64 (RFC 4648, padded).")
+
+    _wallet_not_null = field_validator("walletVersion", mode="before")(_reject_null)
 
 
 class SignResponse(BaseModel):
