@@ -15,7 +15,9 @@ from migration_support import (  # noqa: F401 - fixtures
     HSM_API_KEY,
     TEST_MASTER_KEY,
     RunningService,
+    hsm_service,
     hsm_service_config,
+    mig_backend,
     other_backend,
     serve,
     tls_files,
@@ -86,3 +88,40 @@ def test_hsm_mode_other_master_503(
     assert health.status_code == 503
     assert health.json()["status"] == "fingerprint_mismatch"
     assert health.json()["hsm"]["fingerprintMismatch"]["expected"] == expected
+
+
+def test_env_mode_without_master_serves_hsm(
+    hsm_service: RunningService,
+    tls_files: TlsFiles,
+    tmp_path: Path,
+    client_of: list[httpx.Client],
+) -> None:
+    env = EnvBackend(Secret(TEST_MASTER_KEY))
+    expected = env.wallet_fingerprint(1)
+    env.close()
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    settings = settings_for(hsm_service, master_key=None, mode=KeyManagementMode.HSM)
+    open_state(store, settings, "test")
+    change_state(store, actor="test", action="set", changes={"expected_fingerprint": expected})
+    stack = build_identifier(settings, store)
+    change_state(store, actor="test", action="rolled_back", changes={"mode": "env", "step": "env"})
+    stack.manager.refresh()
+    service = serve(stack.app, tls_files, name="identifier-no-master")
+    client = httpx.Client(
+        base_url=service.url, verify=ssl.create_default_context(cafile=str(tls_files.ca_cert))
+    )
+    client_of.append(client)
+    try:
+        derived = client.post(
+            "/api/derive-keys", json=BODY, headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+        )
+        health = client.get("/health")
+    finally:
+        service.stop()
+        stack.close()
+
+    assert derived.status_code == 200
+    assert derived.headers["X-Key-Source"] == "hsm"
+    assert health.status_code == 200
+    assert health.json()["mode"] == "env"
+    assert health.json()["serving"] == "hsm"

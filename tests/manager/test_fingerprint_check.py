@@ -165,3 +165,40 @@ class TestHsmModeFingerprint:
         finally:
             remote._client, other._client = other._client, remote._client
             other.close()
+
+
+class TestEnvModeWithoutMaster:
+    """After a rollback an instance without the env master serves from the verified HSM."""
+
+    def rolled_back_store(self, tmp_path: Path) -> Store:
+        store = hsm_store(tmp_path, env_fingerprint())
+        change_state(
+            store,
+            actor="test",
+            action="set",
+            changes={"env_master_removed": True, "step": "hsm-env-removed"},
+        )
+        change_state(
+            store,
+            actor="test",
+            action="rolled_back",
+            changes={"mode": "env", "step": "env", "env_master_removed": False},
+        )
+        return store
+
+    def test_serves_verified_hsm(self, tmp_path: Path, hsm_service: RunningService) -> None:
+        manager = manager_for(self.rolled_back_store(tmp_path), hsm_service, env=False)
+        served = manager.derive(PREFIX, 1, 2)
+        assert served.source == "hsm"
+        assert manager.serving_source() == "hsm"
+
+    def test_other_master_withheld(self, tmp_path: Path, other_service: RunningService) -> None:
+        manager = manager_for(self.rolled_back_store(tmp_path), other_service, env=False)
+        with pytest.raises(FingerprintMismatchError):
+            manager.derive(PREFIX, 1, 1)
+        assert manager.serving_source() is None
+
+    def test_with_master_serves_env(self, tmp_path: Path, hsm_service: RunningService) -> None:
+        manager = manager_for(self.rolled_back_store(tmp_path), hsm_service, env=True)
+        assert manager.derive(PREFIX, 1, 1).source == "env"
+        assert manager.serving_source() == "env"

@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -245,9 +246,23 @@ class TestRemovedMaster:
         )
         no_master = {key: value for key, value in env.items() if key != "PLINGS_MASTER_KEY"}
         result = run_cli(no_master, "rollback")
-        assert result.returncode == 22
+        assert result.returncode == 23
         assert "supply PLINGS_MASTER_KEY again" in result.stderr
         assert run_cli(env, "rollback").returncode == 0
+
+
+class TestRollbackWait:
+    """rollback --wait checks its URLs before it stores anything."""
+
+    @pytest.mark.parametrize("value", ["notaurl", "ftp://127.0.0.1/", "https://"])
+    def test_invalid_url_exit_2(self, cli_env: dict[str, str], value: str) -> None:
+        run_cli(cli_env, "migrate", "start")
+        started = time.monotonic()
+        result = run_cli(cli_env, "rollback", "--wait", "--url", value)
+        assert result.returncode == 2
+        assert value in result.stderr
+        assert time.monotonic() - started < 15
+        assert state_of(cli_env) == ("dual", 0)
 
 
 class TestPreflight:

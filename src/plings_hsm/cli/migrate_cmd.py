@@ -246,22 +246,43 @@ WAIT_TIMEOUT_S = 30.0
 """How long ``rollback --wait`` polls the identifier APIs before it gives up."""
 
 
-def _wait_for_env(urls: list[str], ca_file: Path | None, started: float) -> float | None:
-    """Poll each URL's /health until it reports mode env; return seconds since ``started``."""
+def _checked_urls(urls: list[str]) -> list[str]:
+    """Return the identifier API URLs, or stop with exit 2 naming the first invalid one."""
+    for url in urls:
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL:
+            parsed = None
+        if parsed is None or parsed.scheme not in ("https", "http") or not parsed.host:
+            raise typer.BadParameter(
+                f"{url!r} is not an http(s) URL of an identifier API, such as "
+                "https://127.0.0.1:8444",
+                param_hint="--url",
+            )
+    return urls
+
+
+def _serves_env(client: httpx.Client, url: str) -> bool:
+    try:
+        response = client.get(f"{url.rstrip('/')}/health")
+        body = response.json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    if response.status_code != 200 or not isinstance(body, dict):
+        return False
+    return body.get("mode") == "env" and body.get("serving", "env") == "env"
+
+
+def _wait_for_env(urls: list[str], ca_file: Path | None, started: float) -> list[str]:
+    """Poll each URL's /health until it is 200 and serves env; return those that never did."""
     pending = list(urls)
     verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     with httpx.Client(verify=verify, timeout=5.0) as client:
         while pending and time.monotonic() - started < WAIT_TIMEOUT_S:
-            for url in list(pending):
-                try:
-                    mode = client.get(f"{url.rstrip('/')}/health").json().get("mode")
-                except (httpx.HTTPError, ValueError):
-                    continue
-                if mode == "env":
-                    pending.remove(url)
+            pending = [url for url in pending if not _serves_env(client, url)]
             if pending:
                 time.sleep(0.05)
-    return None if pending else time.monotonic() - started
+    return pending
 
 
 @app.command("rollback")
@@ -290,6 +311,7 @@ def rollback(
     environment, with the fingerprint recorded at migrate start.
     """
     settings = _manager_settings()
+    urls = _checked_urls(url or [settings.identifier_url]) if wait else []
     fingerprint = None
     if settings.master_key is not None:
         env = EnvBackend(settings.master_key, wallets=(settings.default_wallet,))
@@ -312,14 +334,15 @@ def rollback(
         _out.print("services started without PLINGS_MASTER_KEY must be restarted with it")
     if not wait:
         return
-    urls = url or [settings.identifier_url]
-    took_s = _wait_for_env(urls, settings.identifier_ca_file, started)
-    if took_s is None:
+    pending = _wait_for_env(urls, settings.identifier_ca_file, started)
+    if pending:
         _out.print(
-            f"the rollback is stored, but not every identifier API reported env within "
-            f"{WAIT_TIMEOUT_S:.0f} s: {', '.join(urls)}"
+            f"the rollback is stored, but these identifier APIs did not answer /health 200 "
+            f"serving env within {WAIT_TIMEOUT_S:.0f} s: {', '.join(pending)}. An instance "
+            "without PLINGS_MASTER_KEY serves from the verified HSM until restarted with it"
         )
         raise typer.Exit(EXIT_CHECK_FAILED)
+    took_s = time.monotonic() - started
     _out.print(
         f"{len(urls)} identifier API(s) serve env, {took_s * 1000:.0f} ms after the rollback"
     )

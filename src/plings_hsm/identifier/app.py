@@ -258,8 +258,8 @@ def create_identifier_app(
         hsm_health = await cached_hsm_health()
         state = manager.state
         hsm_ok = hsm_health is not None and hsm_health.ok
-        # env and dual serve from the env master; hsm serves from the HSM or falls back.
-        ok = manager.env_available or (state.mode == "hsm" and hsm_ok)
+        serving = manager.serving_source()
+        ok = serving == "env" or (serving == "hsm" and hsm_ok)
         mismatch = _fingerprint_mismatch(manager, hsm_health, config.default_wallet)
         status = "ok" if ok else "unavailable"
         if mismatch is not None and state.mode != "env":
@@ -269,6 +269,7 @@ def create_identifier_app(
         body = {
             "status": status,
             **_state_body(manager),
+            "serving": serving if ok else None,
             "envMasterLoaded": manager.env_available,
             "envMasterConfigured": config.env_master_configured,
             "hsm": {

@@ -174,6 +174,7 @@ class KeyManager:
         self._default_wallet = default_wallet
         self._verdicts: dict[int, FingerprintVerdict] = {}
         self._reported_mismatches: set[tuple[int, str]] = set()
+        self._hsm_for_env_version = 0
 
         state = load_state(store)
         if state is None:
@@ -350,7 +351,8 @@ class KeyManager:
 
     def _check_fingerprint_on_poll(self, *, force: bool = False) -> None:
         """Re-read the HSM's fingerprint when the cached one expired, while the HSM may serve."""
-        if self._hsm is None or self._mode(self._state) is KeyManagementMode.ENV:
+        mode = self._mode(self._state)
+        if self._hsm is None or (mode is KeyManagementMode.ENV and self._env is not None):
             return
         try:
             self.verify_hsm_fingerprint(self._default_wallet, force=force)
@@ -487,7 +489,9 @@ class KeyManager:
         """
         state = self._state
         mode = self._mode(state)
-        if mode is KeyManagementMode.ENV:
+        if mode is KeyManagementMode.ENV and self._env is None and self._hsm is not None:
+            served = self._hsm_without_env(state, prefix, start, quantity, request_id)
+        elif mode is KeyManagementMode.ENV:
             served = ServedKeys(self._env_keys(prefix, start, quantity, mode), "env")
             self._record(RequestOutcome.ENV, quantity, None, "", request_id)
         elif mode is KeyManagementMode.DUAL:
@@ -497,6 +501,45 @@ class KeyManager:
         if self._metrics is not None:
             self._metrics.served.labels(source=served.source).inc()
         return served
+
+    def serving_source(self) -> str | None:
+        """Return the source requests are served from now (``env``, ``hsm``), or None.
+
+        ``hsm`` in ``env`` mode means this process has no env master (it dropped it at
+        ``remove-env-master``) and serves from the fingerprint-verified HSM until it is
+        restarted with PLINGS_MASTER_KEY.
+        """
+        mode = self._mode(self._state)
+        if mode is not KeyManagementMode.HSM and self._env is not None:
+            return "env"
+        if self._hsm is not None:
+            verdict = self.fingerprint_verdict(self._default_wallet)
+            if verdict is not None and verdict.matches:
+                return "hsm"
+        if mode is KeyManagementMode.HSM and self._fallback_allowed(self._state):
+            return "env"
+        return None
+
+    def _hsm_without_env(
+        self, state: MigrationState, prefix: BatchPrefix, start: int, quantity: int, request_id: str
+    ) -> ServedKeys:
+        """Serve ``env`` mode from the verified HSM while this process has no env master."""
+        self._require_verified(prefix.wallet)
+        keys, latency_ms = self._timed_hsm(prefix, start, quantity)
+        self._require_verified(prefix.wallet, peer=self._hsm_peer())
+        with self._lock:
+            first = self._hsm_for_env_version != state.version
+            self._hsm_for_env_version = state.version
+        if first:
+            log.warning(
+                "env_mode_served_by_hsm",
+                instance=self.instance,
+                request_id=request_id,
+                state_version=state.version,
+                reason="no env master in this process; restart it with PLINGS_MASTER_KEY",
+            )
+        self._record(RequestOutcome.HSM, quantity, latency_ms, "", request_id)
+        return ServedKeys(keys, "hsm")
 
     def _env_keys(
         self, prefix: BatchPrefix, start: int, quantity: int, mode: KeyManagementMode

@@ -15,6 +15,7 @@ from plings_hsm.errors import (
     FingerprintMismatchError,
     GateFailedError,
     InvalidRequestError,
+    KeySourceUnavailableError,
     MigrationStateError,
 )
 from plings_hsm.manager.config import KeyManagementMode, ManagerSettings
@@ -128,7 +129,8 @@ def roll_back(
             after ``remove-env-master`` and compared with the fingerprint recorded at start.
 
     Raises:
-        MigrationStateError: after ``remove-env-master`` without a matching env master.
+        KeySourceUnavailableError: after ``remove-env-master`` without an env master.
+        MigrationStateError: after ``remove-env-master`` with another env master.
     """
     for _attempt in range(CHANGE_ATTEMPTS):
         try:
@@ -156,9 +158,9 @@ def _roll_back_once(
         return state, state
     if state.env_master_removed:
         if master_fingerprint is None:
-            raise MigrationStateError(
-                "the env master was removed; supply PLINGS_MASTER_KEY again to roll back, and "
-                "restart the services with it"
+            raise KeySourceUnavailableError(
+                "the env master was removed, so env has no key source; supply "
+                "PLINGS_MASTER_KEY again to roll back, and restart the services with it"
             )
         if state.expected_fingerprint and master_fingerprint != state.expected_fingerprint:
             raise MigrationStateError(
