@@ -23,7 +23,8 @@ Every error the product raises on purpose derives from :class:`PlingsHsmError`::
     │   └── MasterMismatchError   the token holds a different master under that label
     ├── StoreError                the state store failed
     ├── HsmServiceError           the HSM service failed, timed out or could not be reached
-    │   └── FingerprintMismatchError  the HSM service holds another master than expected
+    │   ├── FingerprintMismatchError  the HSM service holds another master than expected
+    │   └── HsmRateLimitedError   the HSM service answered 429 past the call's deadline
     ├── KeySourceUnavailableError no configured key source may serve in the current mode
     └── MigrationStateError       a migration command is not allowed in the current state
         └── GateFailedError       a step's gate failed, so the migration was rolled back
@@ -42,6 +43,7 @@ __all__ = [
     "DuplicateTokenError",
     "FingerprintMismatchError",
     "GateFailedError",
+    "HsmRateLimitedError",
     "HsmServiceError",
     "InvalidPathError",
     "InvalidRequestError",
@@ -167,6 +169,10 @@ class HsmServiceError(PlingsHsmError):
 
 class FingerprintMismatchError(HsmServiceError):
     """The HSM service's wallet fingerprint differs from the expected fingerprint."""
+
+
+class HsmRateLimitedError(HsmServiceError):
+    """The HSM service answered 429 and its Retry-After did not fit the call's deadline."""
 
 
 class MigrationStateError(PlingsHsmError):

@@ -21,6 +21,7 @@ from plings_hsm.core.path import BatchPrefix, IdentifierPath
 from plings_hsm.errors import (
     AuthenticationError,
     ConfigError,
+    HsmRateLimitedError,
     HsmServiceError,
     InvalidRequestError,
     WalletNotFoundError,
@@ -29,6 +30,7 @@ from plings_hsm.secrets import Secret
 
 __all__ = [
     "BACKOFF_DEFAULT_S",
+    "DEADLINE_DEFAULT_S",
     "RETRIES_DEFAULT",
     "TIMEOUT_DEFAULT_S",
     "RemoteBackend",
@@ -39,11 +41,17 @@ log = structlog.get_logger(__name__)
 TIMEOUT_DEFAULT_S = 5.0
 """Connect, read and write timeout of one HTTPS call."""
 
+DEADLINE_DEFAULT_S = 5.0
+"""Time one derive call may take in total, across its retries and Retry-After waits."""
+
 RETRIES_DEFAULT = 2
 """Extra attempts of a derive call after a connection error or a 5xx response."""
 
 BACKOFF_DEFAULT_S = 0.1
 """Wait before the first retry; it doubles for each further retry."""
+
+RATE_LIMIT_WAIT_MIN_S = 0.05
+"""Shortest wait after a 429, whatever its Retry-After."""
 
 MAX_CONNECTIONS_DEFAULT = 20
 """Connections kept open to the HSM service and reused across requests."""
@@ -53,7 +61,26 @@ PUBLIC_KEY_BYTES = 32
 
 
 class _RetryableError(Exception):
-    """A derive attempt failed in a way a retry may fix: connection error, timeout or 5xx."""
+    """A derive attempt failed in a way a retry may fix: a connection error or a 5xx."""
+
+
+class _RateLimitedError(Exception):
+    """The HSM service answered 429; ``retry_after_s`` is its Retry-After, if it sent one."""
+
+    def __init__(self, retry_after_s: float | None) -> None:
+        super().__init__("status 429")
+        self.retry_after_s = retry_after_s
+
+
+_RETRIED_TRANSPORT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+"""Transport errors after which no request reached the service, so a retry is safe and fast."""
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    text = response.headers.get("retry-after", "").strip()
+    if not text.isdigit():
+        return None
+    return float(text)
 
 
 def _decode_public_key(text: object, hd_path: str) -> bytes:
@@ -119,15 +146,19 @@ def _wallets_of(body: dict[str, Any]) -> list[WalletInfo]:
 class RemoteBackend(KeyBackend):
     """Derives keys by calling the HSM service over HTTPS.
 
-    Derive calls are idempotent, so connection errors, timeouts and 5xx responses are
-    retried with exponential backoff; 4xx responses are not retried. The TLS certificate is
-    verified against ``ca_file`` (or the system store when it is None).
+    A derive call retries a connection error (connect failed or timed out) and a 5xx
+    response with exponential backoff, and waits out a 429's Retry-After, all within
+    ``deadline_s`` in total. A read timeout is not retried: the service got the request
+    and is slow, so another attempt would only add to the wait. Other 4xx responses are
+    not retried. The TLS certificate is verified against ``ca_file`` (or the system store
+    when it is None).
 
     Args:
         endpoint: base URL of the HSM service, ``https://host:port``.
         api_key: the bearer key the service accepts (HSM_API_KEY).
         ca_file: CA certificate that signed the service certificate.
         timeout_s: timeout of each call.
+        deadline_s: total time of one derive call across retries and waits.
         retries: extra attempts of a derive call.
         backoff_s: wait before the first retry, doubled for each further one.
 
@@ -144,6 +175,7 @@ class RemoteBackend(KeyBackend):
         ca_file: Path | None,
         *,
         timeout_s: float = TIMEOUT_DEFAULT_S,
+        deadline_s: float = DEADLINE_DEFAULT_S,
         retries: int = RETRIES_DEFAULT,
         backoff_s: float = BACKOFF_DEFAULT_S,
         max_connections: int = MAX_CONNECTIONS_DEFAULT,
@@ -157,6 +189,8 @@ class RemoteBackend(KeyBackend):
         self._api_key = api_key
         self._retries = retries
         self._backoff_s = backoff_s
+        self._timeout_s = timeout_s
+        self._deadline_s = deadline_s
         self._calls = threading.local()
         verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         self._client = httpx.Client(
@@ -193,12 +227,25 @@ class RemoteBackend(KeyBackend):
             raise InvalidRequestError(message, field=field)
         raise HsmServiceError(f"HSM service {self.endpoint} returned {status}: {message}")
 
-    def _post_once(self, route: str, body: dict[str, Any]) -> Any:
+    def _post_once(self, route: str, body: dict[str, Any], timeout_s: float) -> Any:
         try:
-            response = self._client.post(route, json=body, headers=self._headers())
-        except httpx.TransportError as exc:
+            response = self._client.post(
+                route, json=body, headers=self._headers(), timeout=httpx.Timeout(timeout_s)
+            )
+        except _RETRIED_TRANSPORT_ERRORS as exc:
             raise _RetryableError(type(exc).__name__) from exc
+        except httpx.TimeoutException as exc:
+            raise HsmServiceError(
+                f"HSM service {self.endpoint}{route} timed out after {timeout_s:g} s "
+                f"({type(exc).__name__}); not retried"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise HsmServiceError(
+                f"HSM service {self.endpoint}{route} failed: {type(exc).__name__}"
+            ) from exc
         self._note_peer(response)
+        if response.status_code == 429:
+            raise _RateLimitedError(_retry_after_s(response))
         if response.status_code >= 500:
             raise _RetryableError(f"status {response.status_code}")
         if response.status_code >= 400:
@@ -211,12 +258,43 @@ class RemoteBackend(KeyBackend):
             ) from exc
 
     def _post(self, route: str, body: dict[str, Any], *, retry: bool) -> Any:
+        """POST ``body``; with ``retry``, retry and wait within the deadline.
+
+        Raises:
+            HsmRateLimitedError: on a 429 whose Retry-After does not fit the deadline.
+            HsmServiceError: on any other failure once the retries or the deadline ran out.
+        """
+        deadline = time.monotonic() + self._deadline_s
         attempts = 1 + (self._retries if retry else 0)
-        for attempt in range(1, attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining_s = deadline - time.monotonic()
             try:
-                return self._post_once(route, body)
+                return self._post_once(route, body, max(0.01, min(self._timeout_s, remaining_s)))
+            except _RateLimitedError as exc:
+                wait_s = exc.retry_after_s
+                remaining_s = deadline - time.monotonic()
+                if not retry or wait_s is None or wait_s >= remaining_s:
+                    log.warning(
+                        "remote_call_rate_limited",
+                        endpoint=self.endpoint,
+                        route=route,
+                        retry_after_s=wait_s,
+                        remaining_s=round(max(0.0, remaining_s), 3),
+                    )
+                    raise HsmRateLimitedError(
+                        f"HSM service {self.endpoint}{route} answered 429 with Retry-After "
+                        f"{wait_s if wait_s is not None else 'missing'} s; the call's deadline "
+                        f"HSM_DEADLINE_S leaves {max(0.0, remaining_s):.2f} s"
+                    ) from exc
+                log.info("remote_call_retried", endpoint=self.endpoint, route=route, delay_s=wait_s)
+                # Retry-After: 0 still waits a little, so a busy service is not hammered.
+                time.sleep(max(wait_s, RATE_LIMIT_WAIT_MIN_S))
             except _RetryableError as exc:
-                if attempt == attempts:
+                delay_s = self._backoff_s * 2 ** (attempt - 1)
+                remaining_s = deadline - time.monotonic()
+                if attempt >= attempts or delay_s >= remaining_s:
                     log.warning(
                         "remote_call_failed",
                         endpoint=self.endpoint,
@@ -228,7 +306,6 @@ class RemoteBackend(KeyBackend):
                         f"HSM service {self.endpoint}{route} failed after {attempt} "
                         f"attempt(s): {exc}"
                     ) from exc
-                delay_s = self._backoff_s * 2 ** (attempt - 1)
                 log.info(
                     "remote_call_retried",
                     endpoint=self.endpoint,
@@ -238,7 +315,6 @@ class RemoteBackend(KeyBackend):
                     delay_s=delay_s,
                 )
                 time.sleep(delay_s)
-        raise HsmServiceError(f"HSM service {self.endpoint}{route} was not called")
 
     def derive_keys(self, prefix: BatchPrefix, start: int, quantity: int) -> list[DerivedKey]:
         """Derive a batch through ``POST /api/derive-keys`` and check each returned path.

@@ -91,7 +91,8 @@ def _show_state(state: MigrationState, runbook: Runbook) -> None:
     table.add_row(
         "this step",
         f"{stats.served} served, {stats.compared} compared, {stats.mismatches} mismatched, "
-        f"{stats.errors} HSM errors, {stats.fallbacks} fallbacks",
+        f"{stats.errors} HSM errors, {stats.rate_limited} answered 429 by the HSM, "
+        f"{stats.fallbacks} fallbacks",
     )
     for reading in latest_gate_readings(runbook.store, limit=3):
         verdict = "passed" if reading.passed else "FAILED"
@@ -147,6 +148,7 @@ def _hsm_backend(settings: ManagerSettings) -> RemoteBackend:
         settings.hsm_api_key,
         settings.hsm_ca_file,
         timeout_s=settings.hsm_timeout_s,
+        deadline_s=settings.hsm_deadline_s,
         retries=settings.hsm_retries,
         backoff_s=settings.hsm_backoff_s,
     )

@@ -330,6 +330,7 @@ def create_identifier_app(
                     "matches": stats.matches,
                     "mismatches": stats.mismatches,
                     "hsmErrors": stats.errors,
+                    "hsmRateLimited": stats.rate_limited,
                     "fallbacks": stats.fallbacks,
                 },
                 "gates": [

@@ -48,6 +48,7 @@ def _remote(settings: ManagerSettings) -> RemoteBackend | None:
         settings.hsm_api_key,
         settings.hsm_ca_file,
         timeout_s=settings.hsm_timeout_s,
+        deadline_s=settings.hsm_deadline_s,
         retries=settings.hsm_retries,
         backoff_s=settings.hsm_backoff_s,
     )

@@ -115,6 +115,7 @@ class ManagerSettings:
     hsm_api_key: Secret | None = field(default=None, repr=False)
     hsm_ca_file: Path | None = None
     hsm_timeout_s: float = 5.0
+    hsm_deadline_s: float = 5.0
     hsm_retries: int = 2
     hsm_backoff_s: float = 0.1
     rollout_percentage: int = 0
@@ -159,6 +160,7 @@ class ManagerSettings:
             hsm_api_key=Secret(env["HSM_API_KEY"]) if env.get("HSM_API_KEY") else None,
             hsm_ca_file=Path(ca) if ca else None,
             hsm_timeout_s=_float(env, "HSM_TIMEOUT_S", 5.0, 0.05, 120.0),
+            hsm_deadline_s=_float(env, "HSM_DEADLINE_S", 5.0, 0.05, 120.0),
             hsm_retries=_int(env, "HSM_RETRIES", 2, 0, 10),
             hsm_backoff_s=_float(env, "HSM_BACKOFF_S", 0.1, 0.0, 10.0),
             rollout_percentage=_int(env, "HSM_ROLLOUT_PERCENTAGE", 0, 0, PERCENTAGE_MAX),

@@ -73,7 +73,14 @@ def read_gate(store: Store, state: MigrationState, limits: GateLimits) -> GateRe
     if stats.mismatches:
         reasons.append(f"{stats.mismatches} mismatched request(s); need 0")
     if stats.compared < limits.min_requests:
-        reasons.append(f"{stats.compared} compared requests; need at least {limits.min_requests}")
+        limited = (
+            f" ({stats.rate_limited} more were answered 429 by the HSM service)"
+            if stats.rate_limited
+            else ""
+        )
+        reasons.append(
+            f"{stats.compared} compared requests{limited}; need at least {limits.min_requests}"
+        )
     if error_rate > limits.max_error_rate:
         reasons.append(
             f"HSM error rate {error_rate:.4f} is above the limit {limits.max_error_rate:.4f}"

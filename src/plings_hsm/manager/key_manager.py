@@ -16,6 +16,7 @@ from plings_hsm.core.path import BatchPrefix
 from plings_hsm.errors import (
     ConfigError,
     FingerprintMismatchError,
+    HsmRateLimitedError,
     HsmServiceError,
     InvalidPathError,
     InvalidRequestError,
@@ -570,7 +571,8 @@ class KeyManager:
         started = time.perf_counter()
         try:
             keys = hsm.derive_keys(prefix, start, quantity)
-        except _CLIENT_ERRORS:
+        except (*_CLIENT_ERRORS, HsmRateLimitedError):
+            # A 429 means the service works but this key's budget is spent: not a failure.
             raise
         except Exception:
             self._count_hsm_failure()
@@ -619,6 +621,13 @@ class KeyManager:
         started = time.perf_counter()
         try:
             hsm_keys, latency_ms = self._timed_hsm(prefix, start, quantity)
+        except HsmRateLimitedError as exc:
+            log.warning("hsm_compare_rate_limited", request_id=request_id, step=state.step)
+            self._record(
+                RequestOutcome.HSM_RATE_LIMITED, quantity, None, type(exc).__name__, request_id
+            )
+            self._count_comparison(RequestOutcome.HSM_RATE_LIMITED)
+            return ServedKeys(env_keys, "env")
         except Exception as exc:  # any HSM failure must leave the env result served
             latency_ms = (time.perf_counter() - started) * 1000
             if not isinstance(exc, _CircuitOpenError):

@@ -47,6 +47,7 @@ class RequestOutcome:
     MATCH = "match"
     MISMATCH = "mismatch"
     HSM_ERROR = "hsm_error"
+    HSM_RATE_LIMITED = "hsm_rate_limited"
     HSM = "hsm"
     FALLBACK = "fallback"
 
@@ -155,6 +156,8 @@ class StepStats:
     errors: int
     fallbacks: int
     latencies_ms: tuple[float, ...]
+    rate_limited: int = 0
+    """Dual-mode requests the HSM service answered 429; not compared, and not errors."""
 
 
 def _state_of(row: _StateRow) -> MigrationState:
@@ -388,6 +391,7 @@ def step_stats(store: Store, step_number: int) -> StepStats:
         errors=errors,
         fallbacks=int(counts.get(RequestOutcome.FALLBACK, 0)),
         latencies_ms=tuple(float(value) for value in latencies if value is not None),
+        rate_limited=int(counts.get(RequestOutcome.HSM_RATE_LIMITED, 0)),
     )
 
 
