@@ -257,3 +257,55 @@ class TestAdminInput:
         assert response.json()["error"]["field"] == field
         assert word in response.json()["error"]["message"]
         assert identifier.stack.runbook.status().whitelist == ("vip",)
+
+
+class TestBodyLimits:
+    """Body size and depth are checked before parsing, and unknown fields are rejected."""
+
+    def test_oversize_body_413(self, identifier: Identifier) -> None:
+        body = b'{"userId": "' + b"a" * (5 * 1024 * 1024) + b'"}'
+        response = identifier.client.post(
+            "/api/derive-keys",
+            content=body,
+            headers={"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"},
+        )
+        assert response.status_code == 413
+        assert response.json()["error"]["field"] == "body"
+
+    def test_deep_json_422(self, identifier: Identifier) -> None:
+        body = "[" * 40 + "]" * 40
+        response = identifier.client.post(
+            "/api/derive-keys",
+            content=body,
+            headers={"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"},
+        )
+        assert response.status_code == 422
+        assert response.json()["error"]["field"] == "body"
+        assert "deep" in response.json()["error"]["message"]
+
+    def test_unknown_field_422(self, identifier: Identifier) -> None:
+        response = identifier.derive("vip", userid="typo")
+        assert response.status_code == 422
+        assert response.json()["error"]["field"] == "userid"
+
+
+class TestAuthThrottle:
+    """Failed authentications from one address are budgeted, as in the HSM service."""
+
+    def test_failures_then_429(self, identifier: Identifier) -> None:
+        wrong = {"Authorization": "Bearer wrong-key-0123456789"}
+        statuses = [
+            identifier.client.post("/api/derive-keys", json=BODY, headers=wrong).status_code
+            for _ in range(10)
+        ]
+        blocked = identifier.derive("vip")
+        assert statuses == [401] * 10
+        assert blocked.status_code == 429
+        assert int(blocked.headers["Retry-After"]) >= 1
+
+    def test_admin_failures_counted(self, identifier: Identifier) -> None:
+        wrong = {"Authorization": "Bearer wrong-admin-0123456789"}
+        for _ in range(10):
+            identifier.client.get("/admin/migration", headers=wrong)
+        response = identifier.admin("GET", "/admin/migration")
+        assert response.status_code == 429

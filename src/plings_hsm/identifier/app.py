@@ -25,13 +25,22 @@ from plings_hsm.errors import (
     HsmServiceError,
     KeySourceUnavailableError,
     MigrationStateError,
+    RateLimitedError,
 )
 from plings_hsm.manager.key_manager import KeyManager
 from plings_hsm.manager.metrics import ManagerMetrics
 from plings_hsm.manager.migration import Runbook
 from plings_hsm.manager.rollout import PERCENTAGE_MAX
 from plings_hsm.secrets import Secret
+from plings_hsm.service.client_address import budget_key
+from plings_hsm.service.config import (
+    AUTH_FAILURES_PER_MINUTE_DEFAULT,
+    BODY_MAX_BYTES_DEFAULT,
+    JSON_DEPTH_MAX_DEFAULT,
+)
 from plings_hsm.service.errors import error_response, install_error_handlers
+from plings_hsm.service.middleware import BodyLimitMiddleware
+from plings_hsm.service.ratelimit import RateLimiter
 from plings_hsm.service.schemas import DeriveKeysRequest, DeriveKeysResponse, KeyItem
 from plings_hsm.store.migration import latest_gate_readings, step_stats
 
@@ -66,6 +75,10 @@ class IdentifierConfig:
         default_wallet: walletVersion used when a request omits it.
         env_master_configured: whether PLINGS_MASTER_KEY was set in this process's
             environment at start, reported on /health for ``validate``.
+        body_max_bytes: largest request body (PLINGS_BODY_MAX_BYTES), checked before parsing.
+        json_depth_max: deepest JSON nesting (PLINGS_JSON_DEPTH_MAX), checked before parsing.
+        auth_failures_per_minute: failed authentications a minute from one address, after
+            which the address gets 429 on every keyed path until its budget refills.
     """
 
     api_keys: tuple[Secret, ...]
@@ -73,10 +86,15 @@ class IdentifierConfig:
     quantity_max: int = 10_000
     default_wallet: int = 1
     env_master_configured: bool = False
+    body_max_bytes: int = BODY_MAX_BYTES_DEFAULT
+    json_depth_max: int = JSON_DEPTH_MAX_DEFAULT
+    auth_failures_per_minute: int = AUTH_FAILURES_PER_MINUTE_DEFAULT
 
 
 class IdentifierDeriveRequest(DeriveKeysRequest):
     """The HSM service's derive request plus the user id that decides the rollout."""
+
+    model_config = ConfigDict(extra="forbid")
 
     userId: Annotated[StrictStr, Field(min_length=1, max_length=USER_ID_MAX_CHARS)] | None = (  # noqa: N815 - wire name
         None
@@ -199,6 +217,12 @@ def create_identifier_app(
     )
     install_error_handlers(app)
     _install_unavailable_handlers(app)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        body_max_bytes=config.body_max_bytes,
+        json_depth_max=config.json_depth_max,
+    )
+    limiter = RateLimiter(time.monotonic)
 
     @app.middleware("http")
     async def request_context(
@@ -221,13 +245,24 @@ def create_identifier_app(
         return response
 
     def _require(request: Request, keys: tuple[Secret, ...], role: str) -> None:
+        address = request.client.host if request.client else "unknown"
+        failures_key = f"auth-failures:{budget_key(address)}"
+        failures = limiter.peek(failures_key)
+        if not failures.accepted:
+            raise RateLimitedError(
+                f"address {address} is over its budget of {config.auth_failures_per_minute} "
+                "failed authentications a minute",
+                failures.retry_after_s,
+            )
         token = _bearer(request)
         if not _key_accepted(token, keys):
+            limiter.charge(failures_key, config.auth_failures_per_minute)
+            # A fixed shape that fail2ban can match: client first, then the event name.
             log.warning(
                 "authentication_failed",
+                client=address,
                 request_id=request.state.request_id,
                 role=role,
-                client=request.client.host if request.client else "unknown",
                 reason="missing" if token is None else "invalid",
             )
             raise AuthenticationError("missing or invalid API key")

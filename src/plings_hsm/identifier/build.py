@@ -108,6 +108,9 @@ def build_identifier(
             quantity_max=settings.quantity_max,
             default_wallet=settings.default_wallet,
             env_master_configured=settings.master_key is not None,
+            body_max_bytes=settings.body_max_bytes,
+            json_depth_max=settings.json_depth_max,
+            auth_failures_per_minute=settings.auth_failures_per_minute,
         ),
     )
     manager.start()

@@ -12,6 +12,11 @@ from plings_hsm.core.path import INDEX_MAX
 from plings_hsm.errors import ConfigError
 from plings_hsm.manager.rollout import PERCENTAGE_MAX, parse_whitelist
 from plings_hsm.secrets import Secret
+from plings_hsm.service.config import (
+    AUTH_FAILURES_PER_MINUTE_DEFAULT,
+    BODY_MAX_BYTES_DEFAULT,
+    JSON_DEPTH_MAX_DEFAULT,
+)
 
 __all__ = [
     "MODE_ALIASES",
@@ -116,6 +121,9 @@ class ManagerSettings:
     hsm_ca_file: Path | None = None
     hsm_timeout_s: float = 5.0
     hsm_deadline_s: float = 5.0
+    body_max_bytes: int = BODY_MAX_BYTES_DEFAULT
+    json_depth_max: int = JSON_DEPTH_MAX_DEFAULT
+    auth_failures_per_minute: int = AUTH_FAILURES_PER_MINUTE_DEFAULT
     hsm_retries: int = 2
     hsm_backoff_s: float = 0.1
     rollout_percentage: int = 0
@@ -161,6 +169,17 @@ class ManagerSettings:
             hsm_ca_file=Path(ca) if ca else None,
             hsm_timeout_s=_float(env, "HSM_TIMEOUT_S", 5.0, 0.05, 120.0),
             hsm_deadline_s=_float(env, "HSM_DEADLINE_S", 5.0, 0.05, 120.0),
+            body_max_bytes=_int(
+                env, "PLINGS_BODY_MAX_BYTES", BODY_MAX_BYTES_DEFAULT, 1, 16 * 1024 * 1024
+            ),
+            json_depth_max=_int(env, "PLINGS_JSON_DEPTH_MAX", JSON_DEPTH_MAX_DEFAULT, 1, 256),
+            auth_failures_per_minute=_int(
+                env,
+                "PLINGS_AUTH_FAILURES_PER_MINUTE",
+                AUTH_FAILURES_PER_MINUTE_DEFAULT,
+                1,
+                1_000_000,
+            ),
             hsm_retries=_int(env, "HSM_RETRIES", 2, 0, 10),
             hsm_backoff_s=_float(env, "HSM_BACKOFF_S", 0.1, 0.0, 10.0),
             rollout_percentage=_int(env, "HSM_ROLLOUT_PERCENTAGE", 0, 0, PERCENTAGE_MAX),
