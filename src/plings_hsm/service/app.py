@@ -78,6 +78,7 @@ _API_ERRORS: dict[int | str, dict[str, Any]] = {
     413: _error("Body over the size limit; `error.field` is `body`"),
     422: _error("A field is invalid or over its limit; `error.field` names it"),
     **_COMMON_ERRORS,
+    501: _error("This version cannot derive the wallet's scheme; the message names it"),
     503: _error("The token or the state store is unavailable"),
 }
 

@@ -55,6 +55,7 @@ _CODE_BY_STATUS = {
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    501: "not_implemented",
     422: "invalid_request",
     429: "rate_limited",
     500: "internal_error",
@@ -158,6 +159,20 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, exc.status_code, str(exc.detail), headers=exc.headers)
 
 
+async def _on_not_implemented(request: Request, exc: Exception) -> JSONResponse:
+    # Backends raise NotImplementedError, with a message for the client, for a request this
+    # version cannot serve, such as a wallet of a scheme it cannot derive.
+    log.warning(
+        "request_not_implemented",
+        request_id=_request_id(request),
+        error=type(exc).__name__,
+        path=request.url.path,
+    )
+    return error_response(
+        request, 501, str(exc) or "not implemented in this version", code="not_implemented"
+    )
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error(
         "request_failed",
@@ -174,4 +189,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PlingsHsmError, _on_product_error)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(NotImplementedError, _on_not_implemented)
     app.add_exception_handler(Exception, _on_unexpected)

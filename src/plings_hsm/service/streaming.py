@@ -66,7 +66,9 @@ def _error_line(request: Request, exc: Exception) -> bytes:
         exc_info=exc,
     )
     error = {"code": "internal_error", "message": INTERNAL_MESSAGE}
-    if isinstance(exc, PlingsHsmError) and status_of(exc)[0] != 500:
+    if isinstance(exc, NotImplementedError):
+        error = {"code": "not_implemented", "message": str(exc)}
+    elif isinstance(exc, PlingsHsmError) and status_of(exc)[0] != 500:
         error = {"code": status_of(exc)[1], "message": str(exc)}
     line = {"success": False, "error": error, "requestId": request_id}
     return (json.dumps(line) + "\n").encode("ascii")
