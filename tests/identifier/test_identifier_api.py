@@ -309,3 +309,13 @@ class TestAuthThrottle:
             identifier.client.get("/admin/migration", headers=wrong)
         response = identifier.admin("GET", "/admin/migration")
         assert response.status_code == 429
+
+
+def test_rollback_reason_newline_422(identifier: Identifier) -> None:
+    change_state(identifier.store, actor="test", action="set", changes={"mode": "dual"})
+    response = identifier.admin(
+        "POST", "/admin/migration/rollback", json={"reason": "drill\nforged"}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "reason"
+    assert identifier.stack.runbook.status().mode == "dual"

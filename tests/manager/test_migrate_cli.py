@@ -228,6 +228,73 @@ class TestStepsNotSkipped:
         assert stored_mode(other) is None
 
 
+def plain(text: str) -> str:
+    """Return ``text`` without the frame and line breaks of a usage error box."""
+    return " ".join(text.replace("│", " ").split())
+
+
+def run_cli_stdin(env: dict[str, str], stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def finalized_env(cli_env: dict[str, str]) -> dict[str, str]:
+    env = {**cli_env, "PLINGS_MIGRATION_SOAK_S": "0", "PLINGS_GATE_MIN_REQUESTS": "0"}
+    run_cli(env, "migrate", "start")
+    assert run_cli(env, "migrate", "run", "--poll", "0.05").returncode == 0
+    assert run_cli(env, "migrate", "finalize").returncode == 0
+    return env
+
+
+class TestExitCodes:
+    """State errors come before prompts, and usage errors exit 2 naming the value."""
+
+    def test_remove_in_env_mode_exit_22(self, cli_env: dict[str, str]) -> None:
+        result = run_cli_stdin(cli_env, "", "migrate", "remove-env-master")
+        assert result.returncode == 22
+        assert "needs a finalized migration" in result.stderr
+
+    def test_remove_without_stdin_exit_2(self, cli_env: dict[str, str]) -> None:
+        env = finalized_env(cli_env)
+        result = run_cli_stdin(env, "", "migrate", "remove-env-master")
+        assert result.returncode == 2
+        assert "no confirmation given" in plain(result.stderr)
+        assert state_of(env) == ("hsm", 100)
+
+    @pytest.mark.parametrize("typed", ["remove env master ", " remove env master", "yes"])
+    def test_remove_inexact_confirmation_exit_2(self, cli_env: dict[str, str], typed: str) -> None:
+        env = finalized_env(cli_env)
+        result = run_cli(env, "migrate", "remove-env-master", "--confirm", typed)
+        assert result.returncode == 2
+        assert "does not match" in plain(result.stderr)
+        assert state_of(env) == ("hsm", 100)
+
+    def test_remove_typed_confirmation(self, cli_env: dict[str, str]) -> None:
+        env = finalized_env(cli_env)
+        result = run_cli_stdin(env, "remove env master\n", "migrate", "remove-env-master")
+        assert result.returncode == 0, result.stderr
+
+    @pytest.mark.parametrize("value", ["notaurl", "ftp://hooks.example/x", "https://"])
+    def test_webhook_url_invalid_exit_3(self, cli_env: dict[str, str], value: str) -> None:
+        result = run_cli({**cli_env, "PLINGS_WEBHOOK_URLS": value}, "migrate", "status")
+        assert result.returncode == 3
+        assert repr(value) in result.stderr
+
+    def test_reason_with_newline_exit_2(self, cli_env: dict[str, str]) -> None:
+        run_cli(cli_env, "migrate", "start")
+        result = run_cli(cli_env, "rollback", "--reason", "drill\nforged line")
+        assert result.returncode == 2
+        assert "U+000A" in plain(result.stderr)
+        assert state_of(cli_env) == ("dual", 0)
+
+
 class TestRemovedMaster:
     """After remove-env-master, rollback needs the env master again."""
 
@@ -237,7 +304,7 @@ class TestRemovedMaster:
         assert run_cli(env, "migrate", "run", "--poll", "0.05").returncode == 0
         assert run_cli(env, "migrate", "finalize").returncode == 0
         wrong = run_cli(env, "migrate", "remove-env-master", "--confirm", "yes")
-        assert wrong.returncode == 22
+        assert wrong.returncode == 2
         assert (
             run_cli(
                 env, "migrate", "remove-env-master", "--confirm", "remove env master"

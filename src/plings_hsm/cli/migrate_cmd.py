@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import click
 import httpx
 import typer
 from rich.console import Console
@@ -19,14 +20,14 @@ from plings_hsm.backends.remote import RemoteBackend
 from plings_hsm.cli.app import app, context
 from plings_hsm.cli.exit_codes import EXIT_CHECK_FAILED
 from plings_hsm.cli.serve_cmd import _tls_files
-from plings_hsm.errors import ConfigError
+from plings_hsm.errors import ConfigError, InvalidRequestError
 from plings_hsm.home import DIR_MODE
 from plings_hsm.identifier.build import build_identifier
 from plings_hsm.logs import configure_logging
 from plings_hsm.manager.backup import token_dir_of
 from plings_hsm.manager.checks import Check, run_preflight, run_validate
 from plings_hsm.manager.config import ManagerSettings
-from plings_hsm.manager.migration import REMOVE_CONFIRMATION, Runbook, describe
+from plings_hsm.manager.migration import REMOVE_CONFIRMATION, Runbook, check_reason, describe
 from plings_hsm.manager.notify import Notifier
 from plings_hsm.service.server import ServiceServer, tls_config
 from plings_hsm.store.db import Store
@@ -234,10 +235,23 @@ def remove_env_master(
     Delete PLINGS_MASTER_KEY from the services' environments and env files afterwards;
     rollback then needs it supplied again.
     """
+    runbook = _runbook(actor)
+    runbook.check_removable()
     typed = confirm
     if typed is None:
-        typed = typer.prompt(f"Type {REMOVE_CONFIRMATION!r} to confirm")
-    state = _runbook(actor).remove_env_master(typed)
+        try:
+            typed = typer.prompt(f"Type {REMOVE_CONFIRMATION!r} to confirm")
+        except (typer.Abort, click.exceptions.Abort) as exc:
+            raise typer.BadParameter(
+                f"no confirmation given; type {REMOVE_CONFIRMATION!r} or pass --confirm",
+                param_hint="--confirm",
+            ) from exc
+    if typed != REMOVE_CONFIRMATION:
+        raise typer.BadParameter(
+            f"confirmation {typed[:40]!r} does not match; type exactly {REMOVE_CONFIRMATION!r}",
+            param_hint="--confirm",
+        )
+    state = runbook.remove_env_master(typed)
     _out.print(
         f"env master removed: {describe(state)}. Delete PLINGS_MASTER_KEY from every service "
         "environment and env file, then run 'plings-hsm validate'"
@@ -312,6 +326,10 @@ def rollback(
     After remove-env-master, PLINGS_MASTER_KEY must be set again in this command's
     environment, with the fingerprint recorded at migrate start.
     """
+    try:
+        check_reason(reason)
+    except InvalidRequestError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--reason") from exc
     settings = _manager_settings()
     urls = _checked_urls(url or [settings.identifier_url]) if wait else []
     fingerprint = None

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from plings_hsm.core.path import INDEX_MAX
 from plings_hsm.errors import ConfigError
@@ -106,6 +107,20 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
 
 
+def _webhook_urls(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Return PLINGS_WEBHOOK_URLS, each checked to be an http(s) URL with a host."""
+    urls = _list(env, "PLINGS_WEBHOOK_URLS")
+    for url in urls:
+        parsed = urlsplit(url)
+        if parsed.scheme not in ("https", "http") or not parsed.hostname:
+            shown = url if len(url) <= 80 else f"{url[:80]}..."
+            raise ConfigError(
+                f"PLINGS_WEBHOOK_URLS entry {shown!r} is not an http(s) URL with a host, such "
+                "as https://hooks.example.com/plings"
+            )
+    return urls
+
+
 @dataclass(frozen=True)
 class ManagerSettings:
     """Everything the key manager, the identifier API and the runbook read from the environment.
@@ -192,7 +207,7 @@ class ManagerSettings:
             gate_min_requests=_int(env, "PLINGS_GATE_MIN_REQUESTS", 100, 0, 10_000_000),
             gate_max_error_rate=_float(env, "PLINGS_GATE_MAX_ERROR_RATE", 0.01, 0.0, 1.0),
             gate_max_p99_ms=_float(env, "PLINGS_GATE_MAX_P99_MS", 500.0, 1.0, 600_000.0),
-            webhook_urls=_list(env, "PLINGS_WEBHOOK_URLS"),
+            webhook_urls=_webhook_urls(env),
             webhook_timeout_s=_float(env, "PLINGS_WEBHOOK_TIMEOUT_S", 3.0, 0.1, 60.0),
             identifier_api_keys=_secrets(env, "PLINGS_IDENTIFIER_API_KEYS"),
             admin_api_key=Secret(admin) if admin else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ __all__ = [
     "ROLLOUT_STEPS",
     "RunResult",
     "Runbook",
+    "check_reason",
     "describe",
     "initial_state",
     "open_state",
@@ -68,6 +70,21 @@ def _shown(value: str) -> str:
     if len(value) <= SHOWN_VALUE_MAX_CHARS:
         return json.dumps(value)
     return f"{json.dumps(value[:SHOWN_VALUE_MAX_CHARS])}... ({len(value)} characters)"
+
+
+def check_reason(reason: str) -> None:
+    """Reject a rollback reason with a control character (newline, tab, escape, ...).
+
+    Raises:
+        InvalidRequestError: naming ``reason`` and the first control character's position.
+    """
+    for position, character in enumerate(reason):
+        if unicodedata.category(character) == "Cc":
+            raise InvalidRequestError(
+                f"reason contains the control character U+{ord(character):04X} at position "
+                f"{position}; write it on one line without control characters",
+                field="reason",
+            )
 
 
 def _dual_step(percentage: int) -> str:
@@ -373,7 +390,13 @@ class Runbook:
         )
 
     def rollback(self, reason: str, master_fingerprint: str | None = None) -> MigrationState:
-        """Return every service to ``env`` from any step (see :func:`roll_back`)."""
+        """Return every service to ``env`` from any step (see :func:`roll_back`).
+
+        Raises:
+            InvalidRequestError: when ``reason`` contains a control character, such as a
+                newline, that would forge lines in logs and notices.
+        """
+        check_reason(reason)
         _before, after = roll_back(
             self.store,
             actor=self.actor,
@@ -534,12 +557,11 @@ class Runbook:
             {"mode": KeyManagementMode.HSM.value, "step": STEP_HSM},
         )
 
-    def remove_env_master(self, confirmation: str) -> MigrationState:
-        """Record that the env master is gone, so services drop it and never fall back.
+    def check_removable(self) -> MigrationState:
+        """Return the state if ``remove-env-master`` is allowed now.
 
         Raises:
-            MigrationStateError: unless the state is ``hsm`` after finalize and
-                ``confirmation`` is exactly REMOVE_CONFIRMATION.
+            MigrationStateError: unless the state is ``hsm`` after finalize.
         """
         state = self.status()
         if state.mode != KeyManagementMode.HSM or state.step != STEP_HSM:
@@ -547,7 +569,17 @@ class Runbook:
                 f"migrate remove-env-master needs a finalized migration; the state is "
                 f"{describe(state)}"
             )
-        if confirmation.strip() != REMOVE_CONFIRMATION:
+        return state
+
+    def remove_env_master(self, confirmation: str) -> MigrationState:
+        """Record that the env master is gone, so services drop it and never fall back.
+
+        Raises:
+            MigrationStateError: unless the state is ``hsm`` after finalize and
+                ``confirmation`` is exactly REMOVE_CONFIRMATION.
+        """
+        state = self.check_removable()
+        if confirmation != REMOVE_CONFIRMATION:
             raise MigrationStateError(
                 f"confirmation does not match; type exactly {REMOVE_CONFIRMATION!r}"
             )
