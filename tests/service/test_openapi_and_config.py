@@ -15,7 +15,7 @@ from plings_hsm.errors import ConfigError
 from plings_hsm.service.client_address import ProxyHeader
 from plings_hsm.service.config import ServiceConfig, service_config_from_env
 
-API_STATUSES = {"200", "401", "403", "404", "408", "413", "422", "429", "500", "503"}
+API_STATUSES = {"200", "401", "403", "404", "408", "413", "422", "429", "500", "501", "503"}
 
 
 @pytest.fixture

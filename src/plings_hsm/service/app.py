@@ -135,18 +135,22 @@ def _decode_message(text: str) -> bytes:
     return message
 
 
-def _raise_missing_wallet(backend: KeyBackend, exc: WalletNotFoundError) -> NoReturn:
-    """Re-raise ``exc``, or raise TokenUnavailableError when the token lists no wallet at all.
+def _raise_missing_wallet(backend: KeyBackend, wallet: int, exc: WalletNotFoundError) -> NoReturn:
+    """Raise WalletNotFoundError for ``wallet``, or TokenUnavailableError when the token
+    lists no wallet at all.
 
     A token that lists no wallet has lost its objects (its folder was removed or
-    replaced), so the missing wallet is a token fault, not a client error. Blocks on the
-    token; call it from a worker thread.
+    replaced), so the missing wallet is a token fault, not a client error. The client's
+    message leaves out the token label that the backend's message contains. Blocks on
+    the token; call it from a worker thread.
     """
     if not backend.wallets():
         raise TokenUnavailableError(
             f"the token lists no wallet any more while looking up a wallet: {exc}"
         ) from exc
-    raise exc
+    raise WalletNotFoundError(
+        f"walletVersion {wallet} not found; GET /health lists the wallets"
+    ) from exc
 
 
 def _derive_wire(
@@ -158,14 +162,14 @@ def _derive_wire(
     try:
         return [key.to_wire() for key in backend.derive_keys(prefix, start, quantity)]
     except WalletNotFoundError as exc:
-        _raise_missing_wallet(backend, exc)
+        _raise_missing_wallet(backend, prefix.wallet, exc)
 
 
 def _sign(backend: KeyBackend, path: IdentifierPath, message: bytes) -> Signature:
     try:
         return backend.sign(path, message)
     except WalletNotFoundError as exc:
-        _raise_missing_wallet(backend, exc)
+        _raise_missing_wallet(backend, path.wallet, exc)
 
 
 def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
@@ -242,7 +246,7 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
     async def health() -> JSONResponse:
         """Report whether the token answers and which wallets it holds; no auth, no secrets.
 
-        A token that answers but lists no wallet can derive nothing, so it is unavailable.
+        A token that responds but lists no wallet can derive nothing, so it is unavailable.
         """
         result = await run_in_threadpool(backend.health)
         healthy = result.ok and bool(result.wallets)
@@ -276,7 +280,7 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
             try:
                 return await ndjson_response(request, keys_iter)
             except WalletNotFoundError as exc:
-                await run_in_threadpool(_raise_missing_wallet, backend, exc)
+                await run_in_threadpool(_raise_missing_wallet, backend, prefix.wallet, exc)
         wire = await run_in_threadpool(
             _derive_wire, backend, prefix, body.startInstance, body.quantity
         )

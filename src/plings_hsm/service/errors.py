@@ -25,7 +25,7 @@ from plings_hsm.errors import (
 )
 from plings_hsm.service.json_body import show_value
 
-__all__ = ["error_response", "install_error_handlers", "status_of"]
+__all__ = ["client_message", "error_response", "install_error_handlers", "status_of"]
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +61,29 @@ _CODE_BY_STATUS = {
     500: "internal_error",
     503: "token_unavailable",
 }
+
+
+_UNAVAILABLE_MESSAGES: tuple[tuple[type[PlingsHsmError], str], ...] = (
+    (TokenError, "token unavailable"),
+    (StoreError, "state store unavailable"),
+)
+"""Client messages of 503 errors by error type. The reason names token labels, variables
+and paths, so it goes only to the log."""
+
+
+def client_message(exc: PlingsHsmError, request_id: str) -> str:
+    """Return the message of ``exc`` that a client may see.
+
+    A 503 names only what is unavailable and the request id that finds the reason in
+    the log. Other errors are about the request itself, so their message is kept.
+    """
+    if status_of(exc)[0] != 503:
+        return str(exc)
+    public = next(
+        (text for kind, text in _UNAVAILABLE_MESSAGES if isinstance(exc, kind)),
+        "service unavailable",
+    )
+    return f"{public}; the service log has the reason under request id {request_id}"
 
 
 def status_of(exc: PlingsHsmError) -> tuple[int, str]:
@@ -121,7 +144,8 @@ async def _on_product_error(request: Request, exc: Exception) -> JSONResponse:
     headers = None
     if isinstance(exc, RateLimitedError):
         headers = {"Retry-After": str(exc.retry_after_s)}
-    return error_response(request, status, str(exc), code=code, field=field, headers=headers)
+    message = client_message(exc, _request_id(request))
+    return error_response(request, status, message, code=code, field=field, headers=headers)
 
 
 async def _on_validation(request: Request, exc: Exception) -> JSONResponse:

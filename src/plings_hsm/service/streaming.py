@@ -12,7 +12,7 @@ from starlette.responses import StreamingResponse
 
 from plings_hsm.core.batch import DerivedKey
 from plings_hsm.errors import PlingsHsmError
-from plings_hsm.service.errors import INTERNAL_MESSAGE, status_of
+from plings_hsm.service.errors import INTERNAL_MESSAGE, client_message, status_of
 
 __all__ = ["NDJSON_MEDIA_TYPE", "STREAM_CHUNK_KEYS", "ndjson_response", "wants_ndjson"]
 
@@ -63,13 +63,14 @@ def _error_line(request: Request, exc: Exception) -> bytes:
         request_id=request_id,
         error=type(exc).__name__,
         keys_sent=request.state.keys_derived,
+        detail=str(exc),
         exc_info=exc,
     )
     error = {"code": "internal_error", "message": INTERNAL_MESSAGE}
     if isinstance(exc, NotImplementedError):
         error = {"code": "not_implemented", "message": str(exc)}
     elif isinstance(exc, PlingsHsmError) and status_of(exc)[0] != 500:
-        error = {"code": status_of(exc)[1], "message": str(exc)}
+        error = {"code": status_of(exc)[1], "message": client_message(exc, request_id)}
     line = {"success": False, "error": error, "requestId": request_id}
     return (json.dumps(line) + "\n").encode("ascii")
 
