@@ -319,3 +319,13 @@ def test_rollback_reason_newline_422(identifier: Identifier) -> None:
     assert response.status_code == 422
     assert response.json()["error"]["field"] == "reason"
     assert identifier.stack.runbook.status().mode == "dual"
+
+
+def test_percentage_text_shows_value(identifier: Identifier) -> None:
+    change_state(identifier.store, actor="test", action="set", changes={"mode": "dual"})
+    response = identifier.admin("POST", "/admin/migration/advance", json={"percentage": "50"})
+    message = response.json()["error"]["message"]
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "percentage"
+    assert '"50"' in message
+    assert "str" not in message.split()

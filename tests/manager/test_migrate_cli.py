@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -426,3 +427,40 @@ class TestIdentifierServe:
             client.close()
             process.terminate()
             process.wait(timeout=30)
+
+
+class TestMessages:
+    """Command output names fields and values, not Python classes or other variables."""
+
+    def test_busy_port_names_own_variable(
+        self, cli_env: dict[str, str], tls_files: TlsFiles
+    ) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen(1)
+            port = busy.getsockname()[1]
+            env = {
+                **cli_env,
+                "PLINGS_TLS_CERT": str(tls_files.server_cert),
+                "PLINGS_TLS_KEY": str(tls_files.server_key),
+                "PLINGS_TLS_CA": str(tls_files.ca_cert),
+                "PLINGS_IDENTIFIER_PORT": str(port),
+                "PLINGS_IDENTIFIER_API_KEYS": "cli-client-key-0123456789",
+                "PLINGS_ADMIN_API_KEY": "cli-admin-key-0123456789",
+            }
+            result = run_cli(env, "identifier", "serve")
+        text = plain(result.stderr)
+        assert result.returncode == 3
+        assert "PLINGS_IDENTIFIER_PORT" in text
+        assert "PLINGS_HSM_PORT" not in text
+
+    def test_validate_hides_class_names(self, cli_env: dict[str, str], tmp_path: Path) -> None:
+        env = {
+            **cli_env,
+            "PLINGS_IDENTIFIER_URL": f"https://127.0.0.1:{pick_port()}",
+            "PLINGS_ENV_FILES": str(tmp_path / "missing.env"),
+        }
+        result = run_cli(env, "validate")
+        assert result.returncode == 9
+        for leaked in ("Error:", "[Errno", "Traceback"):
+            assert leaked not in result.stdout + result.stderr

@@ -29,7 +29,7 @@ from plings_hsm.manager.checks import Check, run_preflight, run_validate
 from plings_hsm.manager.config import ManagerSettings
 from plings_hsm.manager.migration import REMOVE_CONFIRMATION, Runbook, check_reason, describe
 from plings_hsm.manager.notify import Notifier
-from plings_hsm.service.server import ServiceServer, tls_config
+from plings_hsm.service.server import ServiceServer, check_port_free, tls_config
 from plings_hsm.store.db import Store
 from plings_hsm.store.migration import MigrationState, latest_gate_readings, step_stats
 
@@ -380,6 +380,19 @@ def validate() -> None:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
+def _check_identifier_port(host: str, port: int) -> None:
+    """Raise ConfigError naming PLINGS_IDENTIFIER_PORT when ``host:port`` cannot be bound."""
+    try:
+        check_port_free(host, port)
+    except ConfigError as exc:
+        cause = exc.__cause__
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else "in use"
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {reason}; stop the other process or set "
+            "PLINGS_IDENTIFIER_PORT (or --port) to a free port"
+        ) from exc
+
+
 @identifier_app.command("serve")
 def serve_identifier(
     host: Annotated[
@@ -397,6 +410,7 @@ def serve_identifier(
     stack = build_identifier(settings, _store(), instance=f"identifier:{os.getpid()}")
     try:
         tls = _tls_files(ctx)
+        _check_identifier_port(host or settings.identifier_host, port or settings.identifier_port)
         config = tls_config(
             stack.app,
             host or settings.identifier_host,

@@ -68,7 +68,30 @@ def _run(name: str, check: Callable[[], str]) -> Check:
         return Check(name, True, check())
     except (PlingsHsmError, OSError, httpx.HTTPError, ValueError, KeyError) as exc:
         log.warning("check_failed", check=name, error=type(exc).__name__)
-        return Check(name, False, f"{type(exc).__name__}: {exc}")
+        return Check(name, False, _failure_detail(exc))
+
+
+def _failure_detail(exc: Exception) -> str:
+    """Word a failed check in plain terms, without Python class names or errno codes."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or "failed"
+        target = f" {exc.filename}" if exc.filename else ""
+        return f"{reason.lower()}:{target}" if target else reason.lower()
+    if isinstance(exc, httpx.HTTPError):
+        try:
+            url = str(exc.request.url)
+        except RuntimeError:
+            url = "the service"
+        if isinstance(exc, httpx.TimeoutException):
+            return f"request to {url} timed out"
+        if isinstance(exc, httpx.ConnectError):
+            return f"connection to {url} failed"
+        return f"request to {url} failed"
+    if isinstance(exc, KeyError):
+        return f"field {exc.args[0]!r} missing from the response" if exc.args else "field missing"
+    if isinstance(exc, ValueError) and not isinstance(exc, _CheckFailedError):
+        return f"invalid value: {exc}"
+    return str(exc)
 
 
 class _CheckFailedError(ValueError):
