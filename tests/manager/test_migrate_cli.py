@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -464,3 +465,42 @@ class TestMessages:
         assert result.returncode == 9
         for leaked in ("Error:", "[Errno", "Traceback"):
             assert leaked not in result.stdout + result.stderr
+
+
+class TestAuditHead:
+    """audit head prints the newest row; validate --audit-head finds deleted last rows."""
+
+    def test_deleted_last_row_detected(self, cli_env: dict[str, str]) -> None:
+        env = finalized_env(cli_env)
+        run_cli(env, "migrate", "remove-env-master", "--confirm", "remove env master")
+        head = run_cli(env, "audit", "head")
+        fields = head.stdout.split()
+        row_id, row_hash = int(fields[1]), fields[2]
+        assert head.returncode == 0
+        assert len(row_hash) == 64
+
+        kept = plain(run_cli(env, "validate", "--audit-head", row_hash).stdout)
+        assert f"kept head row {row_id} present" in kept
+
+        database = sqlite3.connect(Path(env["PLINGS_HSM_HOME"]) / "plings-hsm.db")
+        database.execute("DELETE FROM audit_log WHERE id = ?", (row_id,))
+        database.commit()
+        database.close()
+        deleted = plain(run_cli(env, "validate", "--audit-head", row_hash).stdout)
+        assert "no audit row has the kept head hash" in deleted
+
+
+class TestStoreFileModes:
+    """The SQLite file and its -wal and -shm files are readable by the owner only."""
+
+    def test_files_are_0600(self, cli_env: dict[str, str]) -> None:
+        run_cli(cli_env, "migrate", "start")
+        path = Path(cli_env["PLINGS_HSM_HOME"]) / "plings-hsm.db"
+        store = Store(f"sqlite:///{path}")
+        try:
+            load_state(store)
+            for suffix in ("", "-wal", "-shm"):
+                mode = (path.parent / f"{path.name}{suffix}").stat().st_mode & 0o777
+                assert mode == 0o600, f"{path.name}{suffix} has mode {mode:o}"
+        finally:
+            store.close()

@@ -30,10 +30,11 @@ from plings_hsm.manager.config import ManagerSettings
 from plings_hsm.manager.migration import REMOVE_CONFIRMATION, Runbook, check_reason, describe
 from plings_hsm.manager.notify import Notifier
 from plings_hsm.service.server import ServiceServer, check_port_free, tls_config
+from plings_hsm.store.audit import audit_head
 from plings_hsm.store.db import Store
 from plings_hsm.store.migration import MigrationState, latest_gate_readings, step_stats
 
-__all__ = ["identifier_app", "migrate_app"]
+__all__ = ["audit_app", "identifier_app", "migrate_app"]
 
 _out = Console(highlight=False, soft_wrap=True, markup=False)
 
@@ -42,6 +43,8 @@ migrate_app = typer.Typer(
     no_args_is_help=True,
 )
 identifier_app = typer.Typer(help="Run the identifier API.", no_args_is_help=True)
+audit_app = typer.Typer(help="Read the audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 app.add_typer(migrate_app, name="migrate")
 app.add_typer(identifier_app, name="identifier")
 
@@ -369,15 +372,41 @@ def rollback(
 
 
 @app.command("validate")
-def validate() -> None:
+def validate(
+    audit_head: Annotated[
+        str | None,
+        typer.Option(
+            help="Row hash from 'plings-hsm audit head', kept outside the store; the audit "
+            "check fails when that row is gone."
+        ),
+    ] = None,
+) -> None:
     """Check a finished migration: both services, 100 keys in under 5 s, no env master, audit.
 
     Exits 9 when any check fails.
     """
     settings = _manager_settings()
-    checks = run_validate(settings=settings, store=_store(), environ=os.environ)
+    checks = run_validate(
+        settings=settings, store=_store(), environ=os.environ, audit_head=audit_head
+    )
     if not _show_checks("validate", checks):
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@audit_app.command("head")
+def show_audit_head() -> None:
+    """Print the newest audit row's id and hash; keep them outside the store.
+
+    Its hash covers every row before it, so 'plings-hsm validate --audit-head HASH'
+    later finds deleted last rows, which the chain alone cannot show.
+    """
+    with _store().session() as session:
+        head = audit_head(session)
+    if head is None:
+        _out.print("the audit log is empty")
+        return
+    at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(head.at))
+    _out.print(f"row {head.id} {head.row_hash} {head.action} {at}")
 
 
 def _check_identifier_port(host: str, port: int) -> None:

@@ -22,7 +22,7 @@ from plings_hsm.manager.backup import find_recent_backup, make_token_backup
 from plings_hsm.manager.config import ManagerSettings
 from plings_hsm.manager.migration import ROLLOUT_STEPS
 from plings_hsm.secrets import Secret
-from plings_hsm.store.audit import list_audit, record_audit, verify_audit_chain
+from plings_hsm.store.audit import find_audit_row, list_audit, record_audit, verify_audit_chain
 from plings_hsm.store.db import Store
 from plings_hsm.store.migration import load_state
 
@@ -205,8 +205,14 @@ def run_validate(
     settings: ManagerSettings,
     store: Store,
     environ: Mapping[str, str] | None = None,
+    audit_head: str | None = None,
 ) -> list[Check]:
-    """Check a finished migration: services, speed, no env master, audit and fingerprints."""
+    """Check a finished migration: services, speed, no env master, audit and fingerprints.
+
+    Args:
+        audit_head: a row hash printed by ``plings-hsm audit head`` and kept outside the
+            store; the chain must still contain that row, so deleted last rows show.
+    """
     env = os.environ if environ is None else environ
     ca_file = settings.hsm_ca_file
     figures: dict[str, object] = {}
@@ -295,6 +301,16 @@ def run_validate(
             entries = list_audit(session, limit=100_000)
         if not chain.ok:
             raise _CheckFailedError(f"audit chain broken at row {chain.broken_at}")
+        anchored = ""
+        if audit_head is not None:
+            with store.session() as session:
+                anchor = find_audit_row(session, audit_head)
+            if anchor is None:
+                raise _CheckFailedError(
+                    f"no audit row has the kept head hash {audit_head[:16]}...; rows up to "
+                    "it were deleted or rewritten"
+                )
+            anchored = f", kept head row {anchor.id} present"
         actions = {entry.action for entry in entries}
         advanced = {
             entry.new_value
@@ -309,7 +325,7 @@ def run_validate(
         missing += [f"advance to {step} %" for step in ROLLOUT_STEPS if str(step) not in advanced]
         if missing:
             raise _CheckFailedError(f"no audit entry for {', '.join(missing)}")
-        return f"{chain.rows} rows, chain intact, every step present"
+        return f"{chain.rows} rows, chain intact{anchored}, every step present"
 
     def fingerprints() -> str:
         state = load_state(store)

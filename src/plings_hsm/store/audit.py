@@ -19,6 +19,8 @@ __all__ = [
     "AuditRow",
     "ChainCheck",
     "append_audit",
+    "audit_head",
+    "find_audit_row",
     "list_audit",
     "record_audit",
     "verify_audit_chain",
@@ -169,6 +171,30 @@ def list_audit(session: Session, action: str | None = None, limit: int = 1000) -
         )
         for row in rows
     ]
+
+
+def audit_head(session: Session) -> AuditEntry | None:
+    """Return the newest audit row, whose hash covers every row before it, or None."""
+    entries = list_audit(session, limit=1)
+    return entries[0] if entries else None
+
+
+def find_audit_row(session: Session, row_hash: str) -> AuditEntry | None:
+    """Return the audit row whose hash is ``row_hash``, or None."""
+    row = session.scalar(sa.select(AuditRow).where(AuditRow.row_hash == row_hash))
+    if row is None:
+        return None
+    return AuditEntry(
+        row.id,
+        row.at,
+        row.actor,
+        row.action,
+        row.subject,
+        row.old_value,
+        row.new_value,
+        row.detail,
+        row.row_hash,
+    )
 
 
 def verify_audit_chain(session: Session) -> ChainCheck:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,32 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor.close()
 
 
+DB_FILE_MODE = 0o600
+"""Mode of a new SQLite file; SQLite gives its -wal and -shm files the same mode."""
+
+
+def _create_sqlite_file(url: str) -> None:
+    """Create a missing SQLite database file with mode 0600 before SQLite opens it.
+
+    SQLite would create it with the process umask (0644 by default) and copy that mode
+    to the -wal and -shm files, so the audit log would be readable by every local user.
+    """
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return
+    if parsed.database == ":memory:" or parsed.database.startswith("file:"):
+        return
+    path = Path(parsed.database)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DB_FILE_MODE)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot create state store file {path}: {exc.strerror}") from exc
+    os.close(descriptor)
+    log.info("store_file_created", path=str(path), mode=oct(DB_FILE_MODE))
+
+
 class Store:
     """The state store: one engine, sessions with commit or rollback, tables created on open.
 
@@ -49,6 +76,7 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         try:
+            _create_sqlite_file(url)
             self.engine = sa.create_engine(url, pool_pre_ping=True)
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
