@@ -110,7 +110,10 @@ class TestUnavailableMessages:
         response = svc.client.post(
             "/api/derive-keys", headers=auth(key.reveal_text()), json=derive_body()
         )
+        message = response.json()["error"]["message"]
         assert response.status_code == 503
+        assert message.startswith("API keys cannot be checked now: state store unavailable; ")
+        assert response.headers["X-Request-ID"] in message
         assert str(tmp_path) not in response.text
         assert "svc.db" not in response.text
 

@@ -31,6 +31,7 @@ from plings_hsm.service.config import BODY_TIMEOUT_S_DEFAULT, ServiceConfig
 from plings_hsm.service.errors import (
     INTERNAL_MESSAGE,
     UNAUTHORIZED_MESSAGE,
+    client_message,
     error_response,
     status_of,
 )
@@ -290,13 +291,14 @@ class ClientGateMiddleware:
                 error=type(exc).__name__,
                 detail=str(exc),
             )
-            # The store's message names its URL; the client learns only that it failed.
+            # The store's message names its URL; the client gets only the request id.
+            public = client_message(exc, state["request_id"])
             await _send_error(
                 scope,
                 receive,
                 send,
                 status,
-                "API keys cannot be checked now; retry later",
+                f"API keys cannot be checked now: {public}",
                 code=code,
             )
             return
