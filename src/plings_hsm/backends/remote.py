@@ -65,7 +65,7 @@ class _RetryableError(Exception):
 
 
 class _RateLimitedError(Exception):
-    """The HSM service answered 429; ``retry_after_s`` is its Retry-After, if it sent one."""
+    """The HSM service returned 429; ``retry_after_s`` is its Retry-After, if it sent one."""
 
     def __init__(self, retry_after_s: float | None) -> None:
         super().__init__("status 429")
@@ -104,7 +104,7 @@ def _peer_of(response: httpx.Response) -> str | None:
     """Return ``address:port/certificate digest`` of the server that sent ``response``.
 
     A different value means another server (or a restarted one with a new certificate)
-    answered, so a fingerprint verified against the previous server no longer applies.
+    sent it, so a fingerprint verified against the previous server no longer applies.
     """
     stream = response.extensions.get("network_stream")
     if stream is None:
@@ -284,7 +284,7 @@ class RemoteBackend(KeyBackend):
                         remaining_s=round(max(0.0, remaining_s), 3),
                     )
                     raise HsmRateLimitedError(
-                        f"HSM service {self.endpoint}{route} answered 429 with Retry-After "
+                        f"HSM service {self.endpoint}{route} returned 429 with Retry-After "
                         f"{wait_s if wait_s is not None else 'missing'} s; the call's deadline "
                         f"HSM_DEADLINE_S leaves {max(0.0, remaining_s):.2f} s"
                     ) from exc

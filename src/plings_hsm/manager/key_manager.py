@@ -525,6 +525,9 @@ class KeyManager:
         self, state: MigrationState, prefix: BatchPrefix, start: int, quantity: int, request_id: str
     ) -> ServedKeys:
         """Serve ``env`` mode from the verified HSM while this process has no env master."""
+        if self.expected_fingerprint(prefix.wallet) is None:
+            # Nothing to verify the HSM against, so env mode has no key source here.
+            return ServedKeys(self._env_keys(prefix, start, quantity, KeyManagementMode.ENV), "env")
         self._require_verified(prefix.wallet)
         keys, latency_ms = self._timed_hsm(prefix, start, quantity)
         self._require_verified(prefix.wallet, peer=self._hsm_peer())

@@ -157,7 +157,7 @@ class StepStats:
     fallbacks: int
     latencies_ms: tuple[float, ...]
     rate_limited: int = 0
-    """Dual-mode requests the HSM service answered 429; not compared, and not errors."""
+    """Dual-mode requests that got 429 from the HSM service; not compared, and not errors."""
 
 
 def _state_of(row: _StateRow) -> MigrationState:
