@@ -246,6 +246,11 @@ class RemoteBackend(KeyBackend):
         self._note_peer(response)
         if response.status_code == 429:
             raise _RateLimitedError(_retry_after_s(response))
+        if response.status_code == 501:
+            # The HSM service cannot derive this wallet's scheme; a retry cannot change it.
+            raise HsmServiceError(
+                f"HSM service {self.endpoint}{route} answered 501: wallet scheme not supported"
+            )
         if response.status_code >= 500:
             raise _RetryableError(f"status {response.status_code}")
         if response.status_code >= 400:

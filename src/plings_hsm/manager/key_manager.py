@@ -61,6 +61,9 @@ CIRCUIT_OPEN_S = 2.0
 
 FINGERPRINT_TTL_S = 10.0
 """How long a verified HSM wallet fingerprint is trusted before the HSM's /health is read again."""
+# NOTE: a change of HSM server is noticed at once only when its address or TLS
+# certificate changes. Replicas behind one TLS-terminating load balancer look alike,
+# so a replica holding another master is caught by the re-check after this TTL.
 
 _CLIENT_ERRORS = (InvalidRequestError, InvalidPathError, WalletNotFoundError)
 
