@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import base58
 import pytest
-from bip_utils import Bip32Slip10Ed25519
 from conftest import TEST_MASTER_KEY, TEST_SEED
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from slip10_reference import reference_fingerprint, reference_public_key
 
 from plings_hsm.backends import EnvBackend
 from plings_hsm.core import BatchPrefix, IdentifierPath
@@ -18,20 +17,6 @@ from plings_hsm.secrets import Secret
 
 INDEX_MAX = 2**31 - 1
 PREFIX = BatchPrefix(1, 1, 1, 1, 99999)
-
-
-def reference_public_key(seed: bytes, indexes: tuple[int, ...] | list[int]) -> bytes:
-    """Return the 32-byte public key bip_utils derives at m/i1'/i2'/... for a seed."""
-    path = "m" + "".join(f"/{index}'" for index in indexes)
-    node = Bip32Slip10Ed25519.FromSeed(seed).DerivePath(path)
-    return node.PublicKey().RawCompressed().ToBytes()[1:]
-
-
-def reference_fingerprint(seed: bytes, wallet: int) -> str:
-    """Return base58(sha256(domain + bip_utils public key at m/44'/501'/wallet'))."""
-    wallet_key = reference_public_key(seed, [44, 501, wallet])
-    digest = hashlib.sha256(b"plings-hsm fingerprint v1" + wallet_key).digest()
-    return base58.b58encode(digest).decode("ascii")
 
 
 @pytest.fixture

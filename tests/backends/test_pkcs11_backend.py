@@ -12,11 +12,11 @@ from typing import Any
 import base58
 import pkcs11.exceptions as p11
 import pytest
-from bip_utils import Bip32Slip10Ed25519
 from conftest import TEST_SEED, TEST_USER_PIN, TokenInfo, make_token
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pkcs11 import Attribute, KeyType, ObjectClass
+from slip10_reference import reference_batch, reference_fingerprint, reference_public_key
 
 from plings_hsm.backends import EnvBackend, ImportResult, Pkcs11Backend
 from plings_hsm.cli.exit_codes import exit_code_of
@@ -55,28 +55,6 @@ bytes before wrapping it.
 """
 
 PREFIX = BatchPrefix(1, 1, 1, 1, 99999)
-
-
-def reference_public_key(seed: bytes, indexes: tuple[int, ...] | list[int]) -> bytes:
-    """Return the 32-byte public key bip_utils derives at m/i1'/i2'/... for a seed."""
-    path = "m" + "".join(f"/{index}'" for index in indexes)
-    node = Bip32Slip10Ed25519.FromSeed(seed).DerivePath(path)
-    return node.PublicKey().RawCompressed().ToBytes()[1:]
-
-
-def reference_fingerprint(seed: bytes, wallet: int) -> str:
-    """Return base58(sha256(domain + bip_utils public key at m/44'/501'/wallet'))."""
-    wallet_key = reference_public_key(seed, [44, 501, wallet])
-    digest = hashlib.sha256(b"plings-hsm fingerprint v1" + wallet_key).digest()
-    return base58.b58encode(digest).decode("ascii")
-
-
-def reference_batch(seed: bytes, prefix: BatchPrefix, start: int, quantity: int) -> list[bytes]:
-    """Return bip_utils public keys of ``quantity`` instances of a batch from ``start`` on."""
-    return [
-        reference_public_key(seed, (*prefix.indexes, instance))
-        for instance in range(start, start + quantity)
-    ]
 
 
 def master_objects(backend: Pkcs11Backend, label: str) -> list[dict[str, Any]]:

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import base58
 import httpx
 import pytest
-from bip_utils import Bip32Slip10Ed25519
 from conftest import TEST_MASTER_KEY, TEST_SEED, TEST_SO_PIN, TEST_USER_PIN, make_token
+from slip10_reference import reference_fingerprint, reference_wire
 
 from plings_hsm import __version__
 from plings_hsm.backends import EnvBackend, KeyBackend, Pkcs11Backend
@@ -50,39 +49,6 @@ INTEGER_FIELDS = [
 ]
 NOT_INTEGERS = [("string", "1"), ("float", 1.0), ("fraction", 1.5), ("bool", True)]
 OUT_OF_RANGE = [("negative", -1), ("two-to-31", 2**31), ("two-to-64", 2**64)]
-
-
-def reference_public_key(seed: bytes, indexes: tuple[int, ...] | list[int]) -> bytes:
-    """Return the 32-byte public key bip_utils derives at m/i1'/i2'/... for a seed."""
-    path = "m" + "".join(f"/{index}'" for index in indexes)
-    node = Bip32Slip10Ed25519.FromSeed(seed).DerivePath(path)
-    return node.PublicKey().RawCompressed().ToBytes()[1:]
-
-
-def reference_fingerprint(seed: bytes, wallet: int) -> str:
-    """Return base58(sha256(domain + bip_utils public key at m/44'/501'/wallet'))."""
-    wallet_key = reference_public_key(seed, [44, 501, wallet])
-    digest = hashlib.sha256(b"plings-hsm fingerprint v1" + wallet_key).digest()
-    return base58.b58encode(digest).decode("ascii")
-
-
-def reference_wire(seed: bytes, prefix: BatchPrefix, start: int, quantity: int) -> list[Any]:
-    """Return the wire keys of a batch, public keys from bip_utils."""
-    keys = []
-    for instance in range(start, start + quantity):
-        public = reference_public_key(seed, (*prefix.indexes, instance))
-        keys.append(
-            {
-                "instanceNumber": instance,
-                "hdPath": "m/" + "/".join(f"{i}'" for i in (*prefix.indexes, instance)),
-                "publicKey": base58.b58encode(public).decode("ascii"),
-                "humanReadablePath": (
-                    f"{prefix.manufacturer}.{prefix.category}.C{prefix.class_id}."
-                    f"{prefix.batch}.{instance:05d}"
-                ),
-            }
-        )
-    return keys
 
 
 def assert_no_secrets(text: str) -> None:
