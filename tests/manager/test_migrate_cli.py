@@ -387,8 +387,8 @@ class TestIdentifierServe:
             "PLINGS_TLS_KEY": str(tls_files.server_key),
             "PLINGS_TLS_CA": str(tls_files.ca_cert),
             "PLINGS_IDENTIFIER_PORT": str(port),
-            "PLINGS_IDENTIFIER_API_KEYS": "cli-client-key-0123456789",
-            "PLINGS_ADMIN_API_KEY": "cli-admin-key-0123456789",
+            "PLINGS_IDENTIFIER_API_KEYS": "cli-client-key-0123456789abcdef0123",
+            "PLINGS_ADMIN_API_KEY": "cli-admin-key-0123456789abcdef01234",
             "PLINGS_STATE_POLL_S": "0.2",
             "PLINGS_LOG_LEVEL": "WARNING",
         }
@@ -446,8 +446,8 @@ class TestMessages:
                 "PLINGS_TLS_KEY": str(tls_files.server_key),
                 "PLINGS_TLS_CA": str(tls_files.ca_cert),
                 "PLINGS_IDENTIFIER_PORT": str(port),
-                "PLINGS_IDENTIFIER_API_KEYS": "cli-client-key-0123456789",
-                "PLINGS_ADMIN_API_KEY": "cli-admin-key-0123456789",
+                "PLINGS_IDENTIFIER_API_KEYS": "cli-client-key-0123456789abcdef0123",
+                "PLINGS_ADMIN_API_KEY": "cli-admin-key-0123456789abcdef01234",
             }
             result = run_cli(env, "identifier", "serve")
         text = plain(result.stderr)

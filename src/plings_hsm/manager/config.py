@@ -17,6 +17,7 @@ from plings_hsm.service.config import (
     AUTH_FAILURES_PER_MINUTE_DEFAULT,
     BODY_MAX_BYTES_DEFAULT,
     JSON_DEPTH_MAX_DEFAULT,
+    check_configured_key,
 )
 
 __all__ = [
@@ -92,7 +93,9 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def _secrets(env: Mapping[str, str], name: str) -> tuple[Secret, ...]:
-    return tuple(Secret(part.strip()) for part in env.get(name, "").split(",") if part.strip())
+    # Each key must be as strong as HSM_API_KEY: these keys guard the identifier API.
+    parts = [part.strip() for part in env.get(name, "").split(",") if part.strip()]
+    return tuple(check_configured_key(name, Secret(part)) for part in parts)
 
 
 def _first_path(env: Mapping[str, str], *names: str) -> Path | None:
@@ -210,7 +213,9 @@ class ManagerSettings:
             webhook_urls=_webhook_urls(env),
             webhook_timeout_s=_float(env, "PLINGS_WEBHOOK_TIMEOUT_S", 3.0, 0.1, 60.0),
             identifier_api_keys=_secrets(env, "PLINGS_IDENTIFIER_API_KEYS"),
-            admin_api_key=Secret(admin) if admin else None,
+            admin_api_key=check_configured_key("PLINGS_ADMIN_API_KEY", Secret(admin))
+            if admin
+            else None,
             identifier_host=identifier_host,
             identifier_port=identifier_port,
             identifier_url=env.get("PLINGS_IDENTIFIER_URL", "").strip()
