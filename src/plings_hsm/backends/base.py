@@ -17,7 +17,21 @@ from plings_hsm.core.batch import (
 from plings_hsm.core.path import BatchPrefix, IdentifierPath
 from plings_hsm.errors import WalletNotFoundError
 
-__all__ = ["BackendHealth", "KeyBackend", "SeedBackend", "Signature", "WalletInfo"]
+__all__ = [
+    "WALLET_FINGERPRINT_HEADER",
+    "BackendHealth",
+    "KeyBackend",
+    "SeedBackend",
+    "Signature",
+    "WalletInfo",
+]
+
+WALLET_FINGERPRINT_HEADER = "X-Wallet-Fingerprint"
+"""HTTP header in which the HSM service names the fingerprint of the wallet it derived from.
+
+A client compares it with the fingerprint it expects before it uses the keys, so a
+replica holding another master is caught on its first response.
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +114,14 @@ class KeyBackend(abc.ABC):
     def last_peer(self) -> str | None:
         """Return an id of the server that answered this thread's last call, if remote."""
         return None
+
+    def last_fingerprint(self) -> str | None:
+        """Return the wallet fingerprint this thread's last remote call reported, if any."""
+        return None
+
+    def fingerprint_of(self, wallet: int) -> str:
+        """Return one wallet's fingerprint; backends with a cheaper lookup override this."""
+        return self.wallet_fingerprint(wallet)
 
     def close(self) -> None:  # noqa: B027 - most backends have nothing to release
         """Release what the backend holds."""

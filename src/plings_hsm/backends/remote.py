@@ -15,7 +15,13 @@ import base58
 import httpx
 import structlog
 
-from plings_hsm.backends.base import BackendHealth, KeyBackend, Signature, WalletInfo
+from plings_hsm.backends.base import (
+    WALLET_FINGERPRINT_HEADER,
+    BackendHealth,
+    KeyBackend,
+    Signature,
+    WalletInfo,
+)
 from plings_hsm.core.batch import DerivedKey, WalletScheme
 from plings_hsm.core.path import BatchPrefix, IdentifierPath
 from plings_hsm.errors import (
@@ -212,6 +218,12 @@ class RemoteBackend(KeyBackend):
 
     def _note_peer(self, response: httpx.Response) -> None:
         self._calls.peer = _peer_of(response)
+        self._calls.fingerprint = response.headers.get(WALLET_FINGERPRINT_HEADER)
+
+    def last_fingerprint(self) -> str | None:
+        """Return the wallet fingerprint the last response on this thread carried, if any."""
+        fingerprint: str | None = getattr(self._calls, "fingerprint", None)
+        return fingerprint
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key.reveal_text()}"}

@@ -61,9 +61,8 @@ CIRCUIT_OPEN_S = 2.0
 
 FINGERPRINT_TTL_S = 10.0
 """How long a verified HSM wallet fingerprint is trusted before the HSM's /health is read again."""
-# NOTE: a change of HSM server is noticed at once only when its address or TLS
-# certificate changes. Replicas behind one TLS-terminating load balancer look alike,
-# so a replica holding another master is caught by the re-check after this TTL.
+# Replicas behind one TLS-terminating balancer look alike to /health; each derive
+# response therefore names its wallet fingerprint, checked in _require_verified.
 
 _CLIENT_ERRORS = (InvalidRequestError, InvalidPathError, WalletNotFoundError)
 
@@ -339,8 +338,29 @@ class KeyManager:
         self._on_fingerprint_mismatch(verdict)
         return verdict
 
-    def _require_verified(self, wallet: int, peer: str | None = None) -> None:
+    def _require_verified(
+        self, wallet: int, peer: str | None = None, *, reported: str | None = None
+    ) -> None:
+        """Raise unless the HSM is verified for ``wallet``.
+
+        ``reported`` is the fingerprint a derive response named in its
+        X-Wallet-Fingerprint header; it must equal the expected one, so a replica with
+        another master is caught on its first response, not at the next /health read.
+        """
         verdict = self.verify_hsm_fingerprint(wallet, peer=peer)
+        if reported is not None and not hmac.compare_digest(
+            reported.encode(), verdict.expected.encode()
+        ):
+            mismatch = FingerprintVerdict(
+                wallet, verdict.expected, reported, peer, time.monotonic()
+            )
+            with self._lock:
+                self._verdicts[wallet] = mismatch
+            self._on_fingerprint_mismatch(mismatch)
+            raise FingerprintMismatchError(
+                f"the HSM service derived wallet {wallet} from fingerprint {reported}; "
+                f"expected {verdict.expected}"
+            )
         if peer is not None and verdict.peer is not None and peer != verdict.peer:
             # /health was answered by another server than the derive call; trust neither.
             raise HsmServiceError(
@@ -533,7 +553,7 @@ class KeyManager:
             return ServedKeys(self._env_keys(prefix, start, quantity, KeyManagementMode.ENV), "env")
         self._require_verified(prefix.wallet)
         keys, latency_ms = self._timed_hsm(prefix, start, quantity)
-        self._require_verified(prefix.wallet, peer=self._hsm_peer())
+        self._require_verified(prefix.wallet, peer=self._hsm_peer(), reported=self._hsm_reported())
         with self._lock:
             first = self._hsm_for_env_version != state.version
             self._hsm_for_env_version = state.version
@@ -592,6 +612,10 @@ class KeyManager:
     def _hsm_peer(self) -> str | None:
         hsm = self._hsm
         return hsm.last_peer() if hsm is not None else None
+
+    def _hsm_reported(self) -> str | None:
+        hsm = self._hsm
+        return hsm.last_fingerprint() if hsm is not None else None
 
     def _count_hsm_failure(self) -> None:
         with self._lock:
@@ -736,7 +760,9 @@ class KeyManager:
             self._require_verified(prefix.wallet)
             keys, latency_ms = self._timed_hsm(prefix, start, quantity)
             # A response from another server than the verified one is re-verified first.
-            self._require_verified(prefix.wallet, peer=self._hsm_peer())
+            self._require_verified(
+                prefix.wallet, peer=self._hsm_peer(), reported=self._hsm_reported()
+            )
         except _CLIENT_ERRORS:
             raise
         except FingerprintMismatchError as exc:

@@ -14,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from plings_hsm import __version__
-from plings_hsm.backends.base import KeyBackend, Signature
+from plings_hsm.backends.base import WALLET_FINGERPRINT_HEADER, KeyBackend, Signature
 from plings_hsm.core.batch import check_instance_range
 from plings_hsm.core.path import BatchPrefix, IdentifierPath
 from plings_hsm.errors import (
@@ -155,19 +155,27 @@ def _raise_missing_wallet(backend: KeyBackend, wallet: int, exc: WalletNotFoundE
 
 def _derive_wire(
     backend: KeyBackend, prefix: BatchPrefix, start: int, quantity: int
-) -> list[dict[str, object]]:
+) -> tuple[list[dict[str, object]], str]:
     # The wire dicts go straight to JSON, on the worker thread: base58 encoding and one
     # pydantic model per key would otherwise cost the event loop about as much as the
     # derivation itself.
     try:
-        return [key.to_wire() for key in backend.derive_keys(prefix, start, quantity)]
+        wire = [key.to_wire() for key in backend.derive_keys(prefix, start, quantity)]
+        return wire, backend.fingerprint_of(prefix.wallet)
     except WalletNotFoundError as exc:
         _raise_missing_wallet(backend, prefix.wallet, exc)
 
 
-def _sign(backend: KeyBackend, path: IdentifierPath, message: bytes) -> Signature:
+def _fingerprint(backend: KeyBackend, wallet: int) -> str:
     try:
-        return backend.sign(path, message)
+        return backend.fingerprint_of(wallet)
+    except WalletNotFoundError as exc:
+        _raise_missing_wallet(backend, wallet, exc)
+
+
+def _sign(backend: KeyBackend, path: IdentifierPath, message: bytes) -> tuple[Signature, str]:
+    try:
+        return backend.sign(path, message), backend.fingerprint_of(path.wallet)
     except WalletNotFoundError as exc:
         _raise_missing_wallet(backend, path.wallet, exc)
 
@@ -276,20 +284,26 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
         charge_keys(request, client, body.quantity)
 
         if wants_ndjson(request):
+            fingerprint = await run_in_threadpool(_fingerprint, backend, prefix.wallet)
             keys_iter = backend.iter_keys(prefix, body.startInstance, body.quantity)
             try:
-                return await ndjson_response(request, keys_iter)
+                streamed = await ndjson_response(request, keys_iter)
             except WalletNotFoundError as exc:
                 await run_in_threadpool(_raise_missing_wallet, backend, prefix.wallet, exc)
-        wire = await run_in_threadpool(
+            streamed.headers[WALLET_FINGERPRINT_HEADER] = fingerprint
+            return streamed
+        wire, fingerprint = await run_in_threadpool(
             _derive_wire, backend, prefix, body.startInstance, body.quantity
         )
         request.state.keys_derived = len(wire)
-        return JSONResponse({"success": True, "count": len(wire), "keys": wire})
+        return JSONResponse(
+            {"success": True, "count": len(wire), "keys": wire},
+            headers={WALLET_FINGERPRINT_HEADER: fingerprint},
+        )
 
     @app.post("/api/sign", response_model=SignResponse, responses=_API_ERRORS)
     async def sign(
-        body: SignRequest, request: Request, client: AuthenticatedClient
+        body: SignRequest, request: Request, response: Response, client: AuthenticatedClient
     ) -> SignResponse:
         """Sign a base64 message with the Ed25519 key of one instance (RFC 8032)."""
         message = _decode_message(body.message)
@@ -304,8 +318,9 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
         )
         charge_keys(request, client, 1)
 
-        signature = await run_in_threadpool(_sign, backend, path, message)
+        signature, fingerprint = await run_in_threadpool(_sign, backend, path, message)
         request.state.keys_derived = 1
+        response.headers[WALLET_FINGERPRINT_HEADER] = fingerprint
         log.info(
             "message_signed",
             request_id=request.state.request_id,
