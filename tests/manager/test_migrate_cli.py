@@ -411,7 +411,7 @@ class TestIdentifierServe:
                 response = client.post(
                     "/api/derive-keys",
                     json={**DERIVE_BODY, "userId": "someone"},
-                    headers={"Authorization": "Bearer cli-client-key-0123456789"},
+                    headers={"Authorization": "Bearer cli-client-key-0123456789abcdef0123"},
                 )
             except httpx.HTTPError:
                 return ""
