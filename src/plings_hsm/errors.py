@@ -107,7 +107,7 @@ class DerivationError(PlingsHsmError):
 
 
 class AuthenticationError(PlingsHsmError):
-    """A credential is missing or wrong; the message never says which."""
+    """A credential is missing or wrong; the message does not tell which."""
 
 
 class RateLimitedError(PlingsHsmError):
@@ -144,7 +144,7 @@ class PinIncorrectError(TokenError):
 
 
 class TokenUnavailableError(TokenError):
-    """The token stopped answering or a token call failed unexpectedly."""
+    """The token stopped responding or a token call failed unexpectedly."""
 
 
 class MasterObjectNotFoundError(TokenError):
@@ -156,7 +156,7 @@ class DuplicateObjectError(TokenError):
 
 
 class MasterMismatchError(TokenError):
-    """The token holds a different master under the wallet label."""
+    """The token contains a different master under the wallet label."""
 
 
 class StoreError(PlingsHsmError):

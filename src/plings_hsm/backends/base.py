@@ -112,7 +112,7 @@ class KeyBackend(abc.ABC):
         raise WalletNotFoundError(f"walletVersion {wallet} not found on the {self.name} backend")
 
     def last_peer(self) -> str | None:
-        """Return an id of the server that answered this thread's last call, if remote."""
+        """Return an id of the server that sent this thread's last response, if remote."""
         return None
 
     def last_fingerprint(self) -> str | None:
@@ -130,7 +130,7 @@ class KeyBackend(abc.ABC):
 class SeedBackend(KeyBackend):
     """A backend that obtains the seed and derives in process, the same way for every source.
 
-    Subclasses say where the seed comes from in :meth:`_load_seed`; the batch node is
+    Subclasses load the seed in :meth:`_load_seed`; the batch node is
     derived here, lives for one request and is wiped after it.
     """
 

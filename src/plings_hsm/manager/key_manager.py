@@ -343,9 +343,9 @@ class KeyManager:
     ) -> None:
         """Raise unless the HSM is verified for ``wallet``.
 
-        ``reported`` is the fingerprint a derive response named in its
-        X-Wallet-Fingerprint header; it must equal the expected one, so a replica with
-        another master is caught on its first response, not at the next /health read.
+        ``reported`` is the X-Wallet-Fingerprint header of the last derive response. It
+        must equal the expected fingerprint. A replica with another master is then caught
+        on its first response instead of at the next /health read.
         """
         verdict = self.verify_hsm_fingerprint(wallet, peer=peer)
         if reported is not None and not hmac.compare_digest(
