@@ -18,6 +18,7 @@ from pathlib import Path
 
 import base58
 import pytest
+import structlog
 
 from plings_hsm.settings import DEFAULT_PKCS11_MODULES
 
@@ -44,6 +45,22 @@ def _module_path() -> Path | None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # structlog's default console renderer prints rich tracebacks with local variables,
+    # which would put request headers (bearer keys) into the test log. Plain tracebacks
+    # show code only.
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.StackInfoRenderer(),
+            structlog.dev.set_exc_info,
+            structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+            structlog.dev.ConsoleRenderer(
+                colors=False, exception_formatter=structlog.dev.plain_traceback
+            ),
+        ]
+    )
+
     tokens = _TOKEN_ROOT / "tokens"
     tokens.mkdir(mode=0o700, exist_ok=True)
     conf = _TOKEN_ROOT / "softhsm2.conf"
