@@ -172,7 +172,7 @@ class FingerprintMismatchError(HsmServiceError):
 
 
 class HsmRateLimitedError(HsmServiceError):
-    """The HSM service answered 429 and its Retry-After did not fit the call's deadline."""
+    """The HSM service returned 429 and its Retry-After did not fit the call's deadline."""
 
 
 class MigrationStateError(PlingsHsmError):

@@ -190,4 +190,4 @@ class TestServeSignals:
         )
         result = _run(["serve"], env)
         assert result.returncode == 3
-        assert "holds no wallet" in result.stderr
+        assert "contains no wallet" in result.stderr

@@ -55,8 +55,8 @@ PREFIX = BatchPrefix(1, 1, 1, 1, 99999)
 class FakeSwitchedReplicaBackend(KeyBackend):
     """Fault injection: /health shows the right master, derivation uses another.
 
-    It stands for two replicas behind one TLS-terminating balancer, one of which holds
-    another master; a real token cannot be made to answer this way.
+    It stands for two replicas behind one TLS-terminating balancer, one of which contains
+    another master. A real token cannot be made to respond this way.
     """
 
     name = "fake-switched-replica"

@@ -21,7 +21,7 @@ class EnvBackend(SeedBackend):
     """Derives from a base58 master text held in process memory.
 
     Args:
-        master_key: the base58 text of the seed, as ``PLINGS_MASTER_KEY`` holds it.
+        master_key: the base58 text of the seed, as ``PLINGS_MASTER_KEY`` contains it.
         wallets: the wallet versions this master serves; the env tier served wallet 1.
 
     Raises:

@@ -265,7 +265,7 @@ class Pkcs11Backend(SeedBackend):
         destroyed and the import fails.
 
         Raises:
-            MasterMismatchError: when the label holds a different master, or the read-back
+            MasterMismatchError: when the label is on a different master, or the read-back
                 fingerprint differs.
             DuplicateObjectError: when the label is on more than one object.
         """
@@ -289,7 +289,7 @@ class Pkcs11Backend(SeedBackend):
             present = self._fingerprint_of(wallet)
             if present != expected:
                 raise MasterMismatchError(
-                    f"token already holds a different master under {label!r} "
+                    f"token already contains a different master under {label!r} "
                     f"(fingerprint {present}); refusing to replace it"
                 )
             log.info("master_import_skipped", token_label=self.token.token_label, label=label)

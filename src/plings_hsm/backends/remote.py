@@ -261,7 +261,7 @@ class RemoteBackend(KeyBackend):
         if response.status_code == 501:
             # The HSM service cannot derive this wallet's scheme; a retry cannot change it.
             raise HsmServiceError(
-                f"HSM service {self.endpoint}{route} answered 501: wallet scheme not supported"
+                f"HSM service {self.endpoint}{route} returned 501: wallet scheme not supported"
             )
         if response.status_code >= 500:
             raise _RetryableError(f"status {response.status_code}")

@@ -115,7 +115,8 @@ def serve(
         # wrong, instead of serving 503 until a restart.
         if not backend.wallets():
             raise ConfigError(
-                f"token {ctx.settings.token_label!r} holds no wallet; run 'plings-hsm keys import'"
+                f"token {ctx.settings.token_label!r} contains no wallet; "
+                "run 'plings-hsm keys import'"
             )
         service_config = _service_config(ctx)
         tls = _tls_files(ctx)

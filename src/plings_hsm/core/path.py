@@ -140,7 +140,7 @@ class IdentifierPath:
 
 
 _SHOWN_CHARS_MAX = 24
-"""Longest piece of user input repeated in a message."""
+"""Maximum length of user input repeated in a message."""
 
 
 def _shorten(text: str) -> str:

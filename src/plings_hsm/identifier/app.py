@@ -298,7 +298,7 @@ def create_identifier_app(
         mismatch = _fingerprint_mismatch(manager, hsm_health, config.default_wallet)
         status = "ok" if ok else "unavailable"
         if mismatch is not None and state.mode != "env":
-            # The HSM holds another master: never report ready while it may serve.
+            # The HSM contains another master, so never report ready while it may serve.
             ok = False
             status = "fingerprint_mismatch"
         body = {

@@ -83,7 +83,7 @@ class ServedKeys:
 class FingerprintVerdict:
     """The HSM's wallet fingerprint compared with the expected one, and when it was read.
 
-    ``peer`` is the server that answered the /health read (``address:port/certificate
+    ``peer`` is the server that sent the /health response (``address:port/certificate
     digest``), ``checked_at`` a ``time.monotonic()`` value.
     """
 
@@ -275,7 +275,7 @@ class KeyManager:
     def expected_fingerprint(self, wallet: int) -> str | None:
         """Return the fingerprint the HSM must show for ``wallet``, or None when unknown.
 
-        The env master's fingerprint wins while this process holds the env master; else
+        The env master's fingerprint wins while this process has the env master; else
         the fingerprint stored at ``migrate start`` applies to the default wallet.
         """
         env = self._env
@@ -362,9 +362,9 @@ class KeyManager:
                 f"expected {verdict.expected}"
             )
         if peer is not None and verdict.peer is not None and peer != verdict.peer:
-            # /health was answered by another server than the derive call; trust neither.
+            # /health came from another server than the derive response, so trust neither.
             raise HsmServiceError(
-                f"the HSM derive call and /health were answered by different servers "
+                f"the HSM derive response and /health came from different servers "
                 f"({peer} and {verdict.peer})"
             )
         if not verdict.matches:

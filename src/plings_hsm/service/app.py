@@ -252,7 +252,7 @@ def create_app(backend: KeyBackend, config: ServiceConfig) -> FastAPI:
         responses={503: {"model": HealthResponse}, **_COMMON_ERRORS},
     )
     async def health() -> JSONResponse:
-        """Report whether the token answers and which wallets it holds; no auth, no secrets.
+        """Report whether the token responds and which wallets it contains; no auth, no secrets.
 
         A token that responds but lists no wallet can derive nothing, so it is unavailable.
         """

@@ -30,7 +30,7 @@ __all__ = ["client_message", "error_response", "install_error_handlers", "status
 log = structlog.get_logger(__name__)
 
 UNAUTHORIZED_MESSAGE = "missing or invalid API key"
-"""The one 401 message: it never says which part of a credential was wrong."""
+"""The one 401 message, which does not tell which part of a credential was wrong."""
 
 INTERNAL_MESSAGE = "Internal HSM error"
 """The one 500 message; the log has the rest under the request id."""

@@ -109,7 +109,7 @@ class HealthResponse(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """What failed: a stable code, a sentence, and the field when one is at fault."""
+    """Error detail: a stable code, a sentence, and the field when one is at fault."""
 
     code: str
     message: str
